@@ -1,0 +1,302 @@
+"""Typed model configuration and the presets named after checkpoints.
+
+Every shape in the toolkit derives from a `ModelConfig`. Presets are plain constructors;
+`ModelConfig.from_dict` / `to_dict` are the one place a config is read from or written to
+JSON (checkpoint folders store one as `config.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from livetalk_cli.errors import UserError
+
+# Wan2.1 VAE latent normalisation constants (per channel), REFERENCE §3.
+WAN_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DiTConfig:
+    """Wan2.1 DiT dimensions plus OmniAvatar's audio/reference conditioning."""
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int  # 16 for T2V; 2 * out_dim + 1 = 33 with the reference latent + mask
+    out_dim: int
+    text_dim: int
+    text_len: int
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    audio_dim: int | None = None  # features per video frame; None = no audio conditioning
+    audio_hidden: int = 32  # AudioPack output width
+    audio_pack_frames: int = 4  # video frames packed into one latent frame
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def has_reference(self) -> bool:
+        """OmniAvatar layout: [noisy latent | reference latent | mask] on the channel axis."""
+        return self.in_dim == 2 * self.out_dim + 1
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_dim is not None
+
+    @property
+    def num_audio_layers(self) -> int:
+        """OmniAvatar adds an audio projection before 0-indexed blocks 2 .. num_layers // 2."""
+        return self.num_layers // 2 - 1 if self.has_audio else 0
+
+    def rope_bands(self) -> tuple[int, int, int]:
+        """Real dims of the (t, h, w) RoPE bands: 44/42/42 for head_dim 128."""
+        d = self.head_dim
+        hw = 2 * (d // 6)
+        return d - 2 * hw, hw, hw
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VAEConfig:
+    """Wan-VAE (causal 3D) dimensions; 8x spatial and 4x temporal compression."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latent_mean: tuple[float, ...] = WAN_LATENT_MEAN
+    latent_std: tuple[float, ...] = WAN_LATENT_STD
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AudioConfig:
+    """How audio becomes per-video-frame features.
+
+    `logmel`: built-in log-mel features, no external weights (small presets).
+    `wav2vec2`: OmniAvatar's features through `transformers` from a local directory
+    (last hidden state + all hidden states, 14 x 768 = 10752 per video frame).
+    """
+
+    encoder: Literal["logmel", "wav2vec2"] = "logmel"
+    sample_rate: int = 16000
+    n_mels: int = 32
+    mel_frames_per_video_frame: int = 4
+    context_s: float = 0.5  # audio before a block's first frame given to the encoder
+    lookahead_s: float = 0.0  # audio after a block's last frame given to the encoder
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamConfig:
+    """The causal block sampler: block size, steps, identity sinks and the ring window."""
+
+    block_frames: int = 3  # latent frames per block
+    num_steps: int = 4
+    shift: float = 5.0
+    sink_frames: int = 3  # latent frames pinned as identity sinks (AHIS); 0 = none
+    window_frames: int = 12  # most recent latent frames kept in the ring
+    relative_rope: bool = True  # False keeps absolute temporal positions (upstream parity)
+
+    def validate(self) -> None:
+        if self.block_frames < 1 or self.num_steps < 1:
+            raise UserError("stream: block_frames and num_steps must be >= 1")
+        if self.sink_frames < 0 or self.window_frames < 0:
+            raise UserError("stream: sink_frames and window_frames must be >= 0")
+        if self.sink_frames % self.block_frames or self.window_frames % self.block_frames:
+            raise UserError(
+                "stream: sink_frames and window_frames must be multiples of block_frames "
+                f"({self.block_frames})"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """A complete model: DiT, VAE, encoders, sampler settings, resolution and fps."""
+
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    text_encoder: Literal["builtin", "umt5"] = "builtin"
+    text_vocab: int = 4096  # built-in hashed-word vocabulary
+    height: int = 64
+    width: int = 64
+    fps: int = 16
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        f = self.vae.spatial_factor
+        return self.height // f, self.width // f
+
+    @property
+    def tokens_per_frame(self) -> int:
+        h, w = self.latent_hw
+        _, ph, pw = self.dit.patch_size
+        return (h // ph) * (w // pw)
+
+    @property
+    def audio_feature_dim(self) -> int:
+        if self.dit.audio_dim is None:
+            raise UserError(f"preset {self.name!r} has no audio conditioning")
+        return self.dit.audio_dim
+
+    def validate(self) -> None:
+        self.stream.validate()
+        f = self.vae.spatial_factor * self.dit.patch_size[1]
+        if self.height % f or self.width % f:
+            raise UserError(f"resolution {self.height}x{self.width} must be a multiple of {f}")
+        if self.vae.z_dim != self.dit.out_dim:
+            raise UserError("vae.z_dim must equal dit.out_dim")
+        if len(self.vae.latent_mean) != self.vae.z_dim or len(self.vae.latent_std) != self.vae.z_dim:
+            raise UserError("vae latent_mean/latent_std need one value per latent channel")
+        if self.dit.dim % self.dit.num_heads:
+            raise UserError("dit.dim must be divisible by dit.num_heads")
+        if self.audio.encoder == "logmel" and self.dit.audio_dim is not None:
+            expected = self.audio.n_mels * self.audio.mel_frames_per_video_frame
+            if self.dit.audio_dim != expected:
+                raise UserError(
+                    f"logmel audio gives {expected} features per frame, dit.audio_dim is {self.dit.audio_dim}"
+                )
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from JSON data; unknown keys and bad values are one clear error."""
+        try:
+            data = dict(data)
+            sub = {
+                "dit": DiTConfig,
+                "vae": VAEConfig,
+                "audio": AudioConfig,
+                "stream": StreamConfig,
+            }
+            kwargs: dict[str, Any] = {}
+            for key, value in data.items():
+                if key in sub:
+                    kwargs[key] = _build(sub[key], value, key)
+                elif key in {f.name for f in dataclasses.fields(cls)}:
+                    kwargs[key] = value
+                else:
+                    raise UserError(f"config: unknown key {key!r}")
+            cfg = cls(**kwargs)
+        except TypeError as e:
+            raise UserError(f"config: {e}") from None
+        cfg.validate()
+        return cfg
+
+
+def _build(kind: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise UserError(f"config: {where} must be a mapping")
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise UserError(f"config: unknown key(s) in {where}: {', '.join(unknown)}")
+    value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    return kind(**value)
+
+
+# --- presets ---------------------------------------------------------------------------
+
+
+def _tiny() -> ModelConfig:
+    audio = AudioConfig(encoder="logmel", n_mels=16, mel_frames_per_video_frame=4)
+    return ModelConfig(
+        name="tiny",
+        dit=DiTConfig(
+            dim=64, ffn_dim=128, num_heads=2, num_layers=4, in_dim=9, out_dim=4,
+            text_dim=32, text_len=8, freq_dim=32, audio_dim=64, audio_hidden=16,
+        ),
+        vae=VAEConfig(
+            dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+            latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4,
+        ),
+        audio=audio,
+        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=6),
+        text_vocab=512,
+        height=64, width=64, fps=16,
+    )
+
+
+def _wan_1_3b_dit(**kw: Any) -> DiTConfig:
+    base = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16,
+                text_dim=4096, text_len=512)
+    base.update(kw)
+    return DiTConfig(**base)
+
+
+def _omniavatar_audio() -> AudioConfig:
+    return AudioConfig(encoder="wav2vec2", context_s=1.0, lookahead_s=0.25)
+
+
+# LiveTalk's inference window: 15 latent frames, the first 9 (3 blocks) pinned as sinks.
+_LIVETALK_STREAM = StreamConfig(block_frames=3, num_steps=4, shift=5.0, sink_frames=9,
+                                window_frames=6, relative_rope=True)
+
+PRESETS: dict[str, Any] = {
+    "tiny": _tiny,
+    "wan2.1-t2v-1.3b": lambda: ModelConfig(
+        name="wan2.1-t2v-1.3b", dit=_wan_1_3b_dit(), vae=VAEConfig(),
+        text_encoder="umt5", height=480, width=832, fps=16,
+        stream=_LIVETALK_STREAM,
+    ),
+    "omniavatar-1.3b": lambda: ModelConfig(
+        name="omniavatar-1.3b", dit=_wan_1_3b_dit(in_dim=33, audio_dim=10752), vae=VAEConfig(),
+        audio=_omniavatar_audio(), text_encoder="umt5", height=512, width=512, fps=16,
+        stream=_LIVETALK_STREAM,
+    ),
+    "omniavatar-14b": lambda: ModelConfig(
+        name="omniavatar-14b",
+        dit=DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=33, out_dim=16,
+                      text_dim=4096, text_len=512, audio_dim=10752),
+        vae=VAEConfig(), audio=_omniavatar_audio(), text_encoder="umt5",
+        height=512, width=512, fps=16, stream=_LIVETALK_STREAM,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset; an unknown name is a one-line error listing the choices."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    cfg: ModelConfig = PRESETS[name]()
+    cfg.validate()
+    return cfg
+
+
+def video_frames_for_latents(num_latent: int, temporal_factor: int = 4) -> int:
+    """Wan VAE: the first latent frame decodes to 1 frame, every later one to `temporal_factor`."""
+    return 1 + temporal_factor * (num_latent - 1) if num_latent > 0 else 0
+
+
+def latents_for_video_frames(num_frames: int, temporal_factor: int = 4) -> int:
+    """Fewest latent frames whose decode covers `num_frames` video frames."""
+    return 1 + math.ceil(max(num_frames - 1, 0) / temporal_factor)

@@ -1,0 +1,118 @@
+"""The few-step causal block sampler (Self Forcing / LiveTalk student inference).
+
+Per block: `num_steps` denoising steps (x0 prediction, then re-noise to the next sigma with fresh
+noise), then one more pass at t = 0 (the refill) that writes the block's clean K/V into the cache.
+In block 0 the first latent frame is the reference image's latent, pinned at every step.
+
+`block_step` is the hot path: static shapes, no host syncs, so it compiles with
+`torch.compile(fullgraph=True)`. Everything that changes between blocks (conditioning, the pin
+mask) enters as tensors of fixed shape.
+
+Legend: B batch, C latent channels, f block frames, h/w latent size, K steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from livetalk_cli.config import ModelConfig
+from livetalk_cli.models.dit import Conditioning, WanDiT
+from livetalk_cli.sampling.kv_cache import BlockKVCache
+from livetalk_cli.sampling.schedule import renoise, sampling_sigmas
+
+
+def block_step(
+    dit: WanDiT,
+    cache: BlockKVCache,
+    noise: Tensor,
+    sigmas: Tensor,
+    cond: Conditioning,
+    ref: Tensor,
+    pin: Tensor,
+) -> Tensor:
+    """Denoise one block and refill the cache with it.
+
+    noise: (K, B, C, f, h, w), one draw per step; sigmas: (K,) fp32; ref: (B, C, 1, h, w)
+    reference latent; pin: (1, 1, f, 1, 1), 1 where the frame is the pinned reference.
+    Returns x0 (B, C, f, h, w). The caller commits the cache afterwards.
+    """
+    num_steps = noise.shape[0]
+    b, _, f = noise.shape[1:4]
+    keep = 1 - pin
+    x = noise[0]
+    x0 = x
+    for i in range(num_steps):
+        x = x * keep + ref * pin
+        t = (sigmas[i] * 1000).expand(b, f)
+        v = dit(x, t, cond, cache)
+        x0 = (x - sigmas[i] * v) * keep + ref * pin
+        if i + 1 < num_steps:
+            x = renoise(x0, noise[i + 1], sigmas[i + 1])
+    dit(x0, torch.zeros(b, f, device=x0.device), cond, cache)  # refill: clean K/V at t = 0
+    return x0
+
+
+class BlockSampler:
+    """Streams blocks of latents: `start()` once per stream, then `denoise_block()` per block."""
+
+    def __init__(self, dit: WanDiT, cfg: ModelConfig, *, batch: int = 1, device: torch.device | str = "cpu"):
+        self.dit, self.cfg = dit, cfg
+        self.device = torch.device(device)
+        dtype = next(dit.parameters()).dtype
+        h, w = cfg.latent_hw
+        _, ph, pw = cfg.dit.patch_size
+        self.cache = BlockKVCache(
+            cfg.dit, cfg.stream, (h // ph, w // pw), batch=batch, device=self.device, dtype=dtype
+        )
+        self.sigmas = sampling_sigmas(cfg.stream.num_steps, cfg.stream.shift).float().to(self.device)
+        f = cfg.stream.block_frames
+        self._pin_first = torch.zeros(1, 1, f, 1, 1, device=self.device)
+        self._pin_first[:, :, 0] = 1.0
+        self._pin_rest = torch.zeros_like(self._pin_first)
+        self.step = block_step
+        self.block_index = 0
+
+    def start(self, text_kv: list[tuple[Tensor, Tensor]], ref_latent: Tensor | None) -> None:
+        """New stream. ref_latent: (B, C, 1, h, w) normalised reference latent (None for T2V)."""
+        self.cache.reset()
+        self.block_index = 0
+        self.text_kv = text_kv
+        c = self.cfg.dit.out_dim
+        f = self.cfg.stream.block_frames
+        h, w = self.cfg.latent_hw
+        b = self.cache.k.shape[1]
+        if ref_latent is None:
+            if self.cfg.dit.has_reference:
+                raise ValueError("this model needs a reference latent")
+            self.ref = torch.zeros(b, c, 1, h, w, device=self.device)
+            self._y_first = self._y_rest = None
+            self._pin_first_eff = self._pin_rest
+        else:
+            self.ref = ref_latent.to(self.device, torch.float32)
+            self._y_rest = reference_conditioning(self.ref, f, first_known=False)
+            self._y_first = reference_conditioning(self.ref, f, first_known=True)
+            self._pin_first_eff = self._pin_first
+
+    def denoise_block(self, noise: Tensor, audio: Tensor | None) -> Tensor:
+        """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w)."""
+        first = self.block_index == 0
+        cond = Conditioning(self.text_kv, self._y_first if first else self._y_rest, audio)
+        pin = self._pin_first_eff if first else self._pin_rest
+        x0 = self.step(self.dit, self.cache, noise, self.sigmas, cond, self.ref, pin)
+        self.cache.commit()
+        self.block_index += 1
+        return x0
+
+
+def reference_conditioning(ref: Tensor, num_frames: int, *, first_known: bool) -> Tensor:
+    """OmniAvatar's `y`: the reference latent repeated over frames + a mask channel.
+
+    ref: (B, C, 1, h, w) → (B, C+1, F, h, w); mask is 0 on the known (reference) frame, 1 on
+    frames to generate. `first_known` marks frame 0 of this run as the reference frame.
+    """
+    b, _, _, h, w = ref.shape
+    mask = torch.ones(b, 1, num_frames, h, w, device=ref.device, dtype=ref.dtype)
+    if first_known:
+        mask[:, :, 0] = 0
+    return torch.cat([ref.expand(-1, -1, num_frames, -1, -1), mask], dim=1)

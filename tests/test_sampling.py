@@ -1,0 +1,198 @@
+"""Cached block sampling equals an uncached block-causal reference (fp32, same noise)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from livetalk_cli.models.attention import attention
+from livetalk_cli.models.dit import Conditioning, pack_audio_frames
+from livetalk_cli.models.rope import Rope3D, apply_rope
+from livetalk_cli.sampling.block_sampler import BlockSampler, block_step, reference_conditioning
+from livetalk_cli.sampling.causal import causal_forward
+from livetalk_cli.sampling.schedule import renoise, sampling_sigmas
+from livetalk_cli.sampling.teacher import teacher_sample
+from tests.helpers import random_text_kv, tiny_cfg, tiny_dit
+
+TOL = dict(atol=2e-4, rtol=2e-4)
+
+
+def _stream_inputs(cfg, dit, n_blocks, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    bf, k = cfg.stream.block_frames, cfg.stream.num_steps
+    h, w = cfg.latent_hw
+    c = cfg.dit.out_dim
+    noise = [torch.randn(k, 1, c, bf, h, w, generator=g) for _ in range(n_blocks)]
+    ref = torch.randn(1, c, 1, h, w, generator=g)
+    feats = torch.randn(1, 4 * bf * n_blocks - 3, cfg.dit.audio_dim, generator=g)
+    audio = dit.prepare_audio(pack_audio_frames(feats, stream_start=True))  # (n, 1, F, D)
+    return noise, ref, audio
+
+
+def _record_forwards(dit):
+    outs: list[torch.Tensor] = []
+    handle = dit.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
+    return outs, handle
+
+
+def _reference_stream(cfg, dit, text_kv, noise, ref, audio, *, sink=None, window=None):
+    """Sample block by block with one uncached forward per step over [clean past | noisy block]."""
+    bf = cfg.stream.block_frames
+    sig = sampling_sigmas(cfg.stream.num_steps, cfg.stream.shift).float()
+    past: list[torch.Tensor] = []
+    flows, outs = [], []
+    for n, nz in enumerate(noise):
+        f_total = (n + 1) * bf
+        cond = Conditioning(text_kv, reference_conditioning(ref, f_total, first_known=True), audio[:, :, :f_total])
+        pin = torch.zeros(1, 1, bf, 1, 1)
+        if n == 0:
+            pin[:, :, 0] = 1
+        x = nz[0]
+        for i in range(nz.shape[0]):
+            x = x * (1 - pin) + ref * pin
+            seq = torch.cat(past + [x], dim=2)
+            t = torch.cat([torch.zeros(1, n * bf), torch.full((1, bf), float(sig[i]) * 1000)], dim=1)
+            v = causal_forward(dit, seq, t, cond, bf, sink_frames=sink, window_frames=window)[:, :, -bf:]
+            flows.append(v)
+            x0 = (x - sig[i] * v) * (1 - pin) + ref * pin
+            if i + 1 < nz.shape[0]:
+                x = renoise(x0, nz[i + 1], sig[i + 1])
+        past.append(x0)
+        outs.append(x0)
+    return flows, outs
+
+
+def _cached_stream(cfg, dit, text_kv, noise, ref, audio):
+    sampler = BlockSampler(dit, cfg)
+    sampler.start(text_kv, ref)
+    outs, handle = _record_forwards(dit)
+    bf = cfg.stream.block_frames
+    x0s = [sampler.denoise_block(nz, audio[:, :, n * bf : (n + 1) * bf]) for n, nz in enumerate(noise)]
+    handle.remove()
+    k = cfg.stream.num_steps
+    flows = [o for j, o in enumerate(outs) if j % (k + 1) != k]  # drop the refill passes
+    return flows, x0s
+
+
+@pytest.mark.parametrize("relative", [True, False])
+@torch.no_grad()
+def test_cached_equals_uncached_reference_every_step(relative):
+    # Capacity 12 frames = 4 blocks: nothing is evicted, so both RoPE modes see the same positions.
+    cfg = tiny_cfg(sink_frames=3, window_frames=9, relative_rope=relative)
+    dit = tiny_dit(cfg)
+    text_kv = random_text_kv(dit, cfg)
+    noise, ref, audio = _stream_inputs(cfg, dit, n_blocks=4)
+    ref_flows, ref_x0 = _reference_stream(cfg, dit, text_kv, noise, ref, audio)
+    flows, x0s = _cached_stream(cfg, dit, text_kv, noise, ref, audio)
+    assert len(flows) == len(ref_flows) == 4 * cfg.stream.num_steps
+    for a, b in zip(flows, ref_flows):
+        torch.testing.assert_close(a, b, **TOL)
+    for a, b in zip(x0s, ref_x0):
+        torch.testing.assert_close(a, b, **TOL)
+    # block 0 keeps the reference latent in frame 0; outputs are not trivially equal across blocks
+    torch.testing.assert_close(x0s[0][:, :, :1], ref)
+    assert (x0s[1] - x0s[2]).abs().mean() > 1e-2
+
+
+@torch.no_grad()
+def test_sinks_and_window_equal_masked_attention_with_eviction():
+    # 1 sink block + a 1-block ring over 5 blocks: blocks are evicted from block 3 on.
+    cfg = tiny_cfg(sink_frames=3, window_frames=3, relative_rope=False)
+    dit = tiny_dit(cfg, seed=3)
+    text_kv = random_text_kv(dit, cfg)
+    noise, ref, audio = _stream_inputs(cfg, dit, n_blocks=5, seed=4)
+    ref_flows, ref_x0 = _reference_stream(cfg, dit, text_kv, noise, ref, audio, sink=3, window=3)
+    flows, x0s = _cached_stream(cfg, dit, text_kv, noise, ref, audio)
+    for a, b in zip(flows, ref_flows):
+        torch.testing.assert_close(a, b, **TOL)
+    # the window matters: the full block-causal reference (no eviction) differs at the last block
+    full_flows, _ = _reference_stream(cfg, dit, text_kv, noise, ref, audio)
+    assert (full_flows[-1] - flows[-1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_relative_rope_reindexing_after_eviction_matches_fresh_positions():
+    cfg = tiny_cfg(sink_frames=3, window_frames=6, relative_rope=True)
+    dit = tiny_dit(cfg)
+    sampler = BlockSampler(dit, cfg)
+    cache = sampler.cache
+    s = cache.tokens_per_frame
+    g = torch.Generator().manual_seed(0)
+    # Fill 6 blocks of random K/V through the cache's own write + commit path.
+    for _ in range(6):
+        for layer in range(cfg.dit.num_layers):
+            q = torch.randn(1, 3 * s, cfg.dit.num_heads, cfg.dit.head_dim, generator=g)
+            cache(layer, q, torch.randn(q.shape, generator=g), torch.randn(q.shape, generator=g))
+        cache.commit()
+    pos = cache.slot_positions()
+    assert int(pos.max()) < cache.n_slots  # bounded: a stream has no length limit
+    # The ring has wrapped: its oldest block is not in the first ring slot.
+    assert cache.ring_next != 0
+    # Fresh computation: gather valid frames in logical order, rope them at 0..n-1 from scratch.
+    order = torch.argsort(pos[: cache.sink_frames + cache.window_frames])
+    cur = slice(cache.n_slots - 3, cache.n_slots)
+    layer = 2
+    q = torch.randn(1, 3 * s, cfg.dit.num_heads, cfg.dit.head_dim, generator=g)
+    k_new = torch.randn(q.shape, generator=g)
+    v_new = torch.randn(q.shape, generator=g)
+    k_frames = cache.k[layer].clone().unflatten(1, (cache.n_slots, s))
+    v_frames = cache.v[layer].clone().unflatten(1, (cache.n_slots, s))
+    out = cache(layer, q, k_new, v_new)
+    k_frames[:, cur] = k_new.unflatten(1, (3, s))
+    v_frames[:, cur] = v_new.unflatten(1, (3, s))
+    idx = torch.cat([order, torch.arange(cur.start, cur.stop)])
+    k_log, v_log = k_frames[:, idx].flatten(1, 2), v_frames[:, idx].flatten(1, 2)
+    rope = Rope3D(cfg.dit, (4, 4))
+    cos, sin = rope.tables(torch.arange(len(idx)))
+    q_cos, q_sin = cos[-3 * s :], sin[-3 * s :]
+    fresh = attention(apply_rope(q, q_cos, q_sin), apply_rope(k_log, cos, sin), v_log)
+    torch.testing.assert_close(out, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_block_step_compiles_fullgraph():
+    """No graph breaks = no host syncs and no data-dependent Python control flow in the hot path."""
+    torch._dynamo.reset()
+    cfg = tiny_cfg()
+    dit = tiny_dit(cfg)
+    text_kv = random_text_kv(dit, cfg)
+    noise, ref, audio = _stream_inputs(cfg, dit, n_blocks=2)
+    eager = BlockSampler(dit, cfg)
+    compiled = BlockSampler(dit, cfg)
+    compiled.step = torch.compile(block_step, fullgraph=True, backend="aot_eager", dynamic=False)
+    with torch.no_grad():
+        for s in (eager, compiled):
+            s.start(text_kv, ref)
+        for n in range(2):
+            a = eager.denoise_block(noise[n], audio[:, :, 3 * n : 3 * n + 3])
+            b = compiled.denoise_block(noise[n], audio[:, :, 3 * n : 3 * n + 3])
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_teacher_sampler_trajectory_and_cfg():
+    cfg = tiny_cfg()
+    dit = tiny_dit(cfg)
+    text_kv = random_text_kv(dit, cfg)
+    noise, ref, audio = _stream_inputs(cfg, dit, n_blocks=2)
+    f = 6
+    cond = Conditioning(text_kv, reference_conditioning(ref, f, first_known=True), audio[:, :, :f])
+    uncond = Conditioning(
+        dit.prepare_text(torch.zeros(1, cfg.dit.text_len, cfg.dit.text_dim)), cond.y, torch.zeros_like(cond.audio)
+    )
+    x_noise = torch.cat([noise[0][0], noise[1][0]], dim=2)
+    x0, kept = teacher_sample(dit, x_noise, cond, uncond, num_steps=8, guidance=3.0, ref=ref, keep_steps=(0, 2, 4, 6, 8))
+    assert sorted(kept) == [0, 2, 4, 6, 8]
+    torch.testing.assert_close(kept[8], x0)
+    torch.testing.assert_close(kept[0][:, :, 1:], x_noise[:, :, 1:])
+    torch.testing.assert_close(x0[:, :, :1], ref)
+    x0_c, _ = teacher_sample(dit, x_noise, cond, None, num_steps=8, ref=ref)
+    x0_g1, _ = teacher_sample(dit, x_noise, cond, uncond, num_steps=8, guidance=1.0, ref=ref)
+    torch.testing.assert_close(x0_c, x0_g1)
+    assert (x0_c - x0).abs().max() > 1e-3  # guidance changes the result
+
+
+def test_student_timesteps_sit_on_teacher_trajectory():
+    student = sampling_sigmas(4, 5.0)
+    teacher = sampling_sigmas(48, 5.0)
+    torch.testing.assert_close(student, teacher[[0, 12, 24, 36]])
+    torch.testing.assert_close(student * 1000, torch.tensor([1000, 937.5, 833.3333, 625], dtype=torch.float64))
