@@ -85,9 +85,9 @@ def test_cached_equals_uncached_reference_every_step(relative):
     ref_flows, ref_x0 = _reference_stream(cfg, dit, text_kv, noise, ref, audio)
     flows, x0s = _cached_stream(cfg, dit, text_kv, noise, ref, audio)
     assert len(flows) == len(ref_flows) == 4 * cfg.stream.num_steps
-    for a, b in zip(flows, ref_flows):
+    for a, b in zip(flows, ref_flows, strict=True):
         torch.testing.assert_close(a, b, **TOL)
-    for a, b in zip(x0s, ref_x0):
+    for a, b in zip(x0s, ref_x0, strict=True):
         torch.testing.assert_close(a, b, **TOL)
     # block 0 keeps the reference latent in frame 0; outputs are not trivially equal across blocks
     torch.testing.assert_close(x0s[0][:, :, :1], ref)
@@ -103,7 +103,7 @@ def test_sinks_and_window_equal_masked_attention_with_eviction():
     noise, ref, audio = _stream_inputs(cfg, dit, n_blocks=5, seed=4)
     ref_flows, ref_x0 = _reference_stream(cfg, dit, text_kv, noise, ref, audio, sink=3, window=3)
     flows, x0s = _cached_stream(cfg, dit, text_kv, noise, ref, audio)
-    for a, b in zip(flows, ref_flows):
+    for a, b in zip(flows, ref_flows, strict=True):
         torch.testing.assert_close(a, b, **TOL)
     # the window matters: the full block-causal reference (no eviction) differs at the last block
     full_flows, _ = _reference_stream(cfg, dit, text_kv, noise, ref, audio)
@@ -180,7 +180,9 @@ def test_teacher_sampler_trajectory_and_cfg():
         dit.prepare_text(torch.zeros(1, cfg.dit.text_len, cfg.dit.text_dim)), cond.y, torch.zeros_like(cond.audio)
     )
     x_noise = torch.cat([noise[0][0], noise[1][0]], dim=2)
-    x0, kept = teacher_sample(dit, x_noise, cond, uncond, num_steps=8, guidance=3.0, ref=ref, keep_steps=(0, 2, 4, 6, 8))
+    x0, kept = teacher_sample(
+        dit, x_noise, cond, uncond, num_steps=8, guidance=3.0, ref=ref, keep_steps=(0, 2, 4, 6, 8)
+    )
     assert sorted(kept) == [0, 2, 4, 6, 8]
     torch.testing.assert_close(kept[8], x0)
     torch.testing.assert_close(kept[0][:, :, 1:], x_noise[:, :, 1:])

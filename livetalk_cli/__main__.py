@@ -1,0 +1,3 @@
+from livetalk_cli.cli import main
+
+main()

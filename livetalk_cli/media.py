@@ -1,0 +1,470 @@
+"""Audio, image and video I/O: PyAV for audio/video, Pillow for images.
+
+- `load_audio`: any audio PyAV decodes (or a video's audio track) -> mono float32 at 16 kHz.
+- `load_image`: any image Pillow opens -> (3, H, W) float32 in [-1, 1], cropped or padded.
+- `VideoWriter`: streams RGB frames into an MP4 (H.264 yuv420p + AAC, faststart), written to a
+  temporary file beside the destination and renamed onto it only when closed successfully.
+- `probe` / `read_video`: inspect and decode what was written (tests, evaluation).
+
+Every failure the user can fix raises `MediaError` with one line naming the file; wrong
+arguments from the calling code raise `ValueError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import struct
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
+from PIL import Image, ImageOps
+
+from livetalk_cli.errors import MediaError
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+AAC_BIT_RATE = 64000  # mono speech; the encoder clamps it at low sample rates
+# Codec padding left after decoding (AAC pads its last frame to 1024 samples); a decoded stream
+# longer than its declared duration by at most this many seconds is trimmed to the declared one.
+_MAX_TRIM_S = 0.15
+_AV_ERRORS = (av.FFmpegError, OSError, EOFError)
+
+
+def _check_input_file(path: str | Path, kind: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"{kind} file not found: {p}")
+    if not p.is_file():
+        raise MediaError(f"{kind} path is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise MediaError(f"{kind} file is empty (0 bytes): {p}")
+    return p
+
+
+def _one_line(err: BaseException) -> str:
+    """The reason without errno numbers or repeated file names, on one line."""
+    text = getattr(err, "strerror", None) or str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------- audio
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of `path` to mono float32 at `sample_rate`, values in [-1, 1].
+
+    Reads anything PyAV/FFmpeg decodes: wav, mp3, m4a/aac, flac, ogg/opus, or the audio track
+    of a video. Channels are averaged into mono. Trailing codec padding (AAC) beyond the
+    container's declared duration is trimmed. Returns shape (num_samples,).
+
+    Raises:
+        MediaError: the file is missing, not a file, unreadable or corrupt, has no audio
+            stream, or decodes to 0 samples.
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    p = _check_input_file(path, "audio")
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.audio:
+                raise MediaError(f"no audio stream in {p}")
+            stream = container.streams.audio[0]
+            declared_s = float(stream.duration * stream.time_base) if stream.duration else None
+            # Keep the source layout and average channels ourselves: swresample's stereo->mono
+            # matrix sums at -3 dB per channel and can leave [-1, 1].
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+            for frame in container.decode(stream):
+                frame.pts = None  # resample by sample count; timestamp gaps are not our business
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))  # (C, n) -> (n,)
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
+    except MediaError:
+        raise
+    except (*_AV_ERRORS, ValueError) as err:  # ValueError: e.g. a stream changing layout midway
+        raise MediaError(f"cannot decode audio file {p}: {_one_line(err)}") from err
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if audio.size == 0:
+        raise MediaError(f"audio file has no samples: {p}")
+    if declared_s is not None:
+        expected = round(declared_s * sample_rate)
+        if 0 < expected < audio.size <= expected + _MAX_TRIM_S * sample_rate:
+            audio = audio[:expected]
+    return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def _resample_mono(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Resample a whole mono float32 waveform with libswresample; keeps the duration exact."""
+    frame = av.AudioFrame.from_ndarray(audio[None], format="fltp", layout="mono")
+    frame.sample_rate = src_rate
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=dst_rate)
+    outs = resampler.resample(frame) + resampler.resample(None)
+    out = np.concatenate([f.to_ndarray()[0] for f in outs]) if outs else np.zeros(0, np.float32)
+    n = round(audio.size * dst_rate / src_rate)
+    out = np.pad(out[:n], (0, max(0, n - out.size)))
+    return out.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------- image
+
+
+def load_image(
+    path: str | Path, height: int, width: int, fit: Literal["crop", "pad"] = "crop"
+) -> torch.Tensor:
+    """Load an image as a (3, height, width) float32 tensor in [-1, 1].
+
+    Anything Pillow opens (PNG, JPEG, WebP, ...); the EXIF orientation is applied. Images with
+    transparency (RGBA, LA, P with a transparent index) are composited over white; grayscale
+    and palette images are converted to RGB.
+
+    fit: 'crop' scales the image to cover (height, width) and crops the centre; 'pad' scales
+        it to fit inside and pads the borders with black (-1).
+
+    Raises:
+        MediaError: the file is missing, not a file, or not a readable image.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    if fit not in ("crop", "pad"):
+        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
+    p = _check_input_file(path, "image")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            img = _to_rgb(ImageOps.exif_transpose(im))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise MediaError(f"cannot read image file {p}: {_one_line(err)}") from err
+
+    w0, h0 = img.size
+    if fit == "crop":
+        scale = max(width / w0, height / h0)
+        w1, h1 = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+        img = img.resize((w1, h1), Image.Resampling.LANCZOS)
+        left, top = (w1 - width) // 2, (h1 - height) // 2
+        img = img.crop((left, top, left + width, top + height))
+    else:
+        scale = min(width / w0, height / h0)
+        w1, h1 = min(width, max(1, round(w0 * scale))), min(height, max(1, round(h0 * scale)))
+        canvas = Image.new("RGB", (width, height), (0, 0, 0))
+        canvas.paste(img.resize((w1, h1), Image.Resampling.LANCZOS), ((width - w1) // 2, (height - h1) // 2))
+        img = canvas
+    arr = np.asarray(img, dtype=np.float32)  # (H, W, 3) in [0, 255]
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale PNG
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------- video
+
+
+class VideoWriter:
+    """Stream RGB frames into an MP4: H.264 (libx264, yuv420p, BT.709 limited range) at `fps`
+    plus AAC audio, with the moov atom first (faststart).
+
+    Frames go to a hidden temporary file in the destination's directory, which is renamed onto
+    `path` only by a successful `close()`; `abort()`, an exception inside the `with` block, or
+    a failed close removes it and leaves nothing at `path`.
+
+    Audio (mono float32 at `sample_rate`, whole waveform in memory) is encoded alongside the
+    video as frames arrive, so packets are interleaved. The AAC encoder's priming is hidden by
+    the MP4 edit list: the audio stream's duration equals len(audio) / sample_rate. The caller
+    writes ceil(duration * fps) frames to cover it.
+
+    Usage:
+        with VideoWriter("out.mp4", 512, 512, fps=25, audio=wav) as w:
+            w.write(frames_NHW3)
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        fps: int,
+        audio: np.ndarray | None,
+        sample_rate: int = SAMPLE_RATE,
+        crf: int = 18,
+    ) -> None:
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"width and height must be positive and even for yuv420p, got {width}x{height}")
+        if int(fps) != fps or fps <= 0:
+            raise ValueError(f"fps must be a positive integer, got {fps}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in [0, 51], got {crf}")
+        self.path = Path(path)
+        self.width, self.height, self.fps = width, height, int(fps)
+        self.frames_written = 0
+        if not self.path.parent.is_dir():
+            raise MediaError(f"output directory does not exist: {self.path.parent}")
+        self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        self._audio: np.ndarray | None = None  # (n,) float32 at self._audio_rate
+        self._audio_rate = sample_rate
+        self._audio_pos = 0  # samples already sent to the encoder
+        if audio is not None:
+            self._audio = self._prepare_audio(audio, sample_rate)
+
+        self._container: Any = None
+        self._astream: Any = None
+        try:
+            self._container = av.open(
+                str(self._tmp), "w", format="mp4", container_options={"movflags": "+faststart"}
+            )
+            self._video = self._container.add_stream("libx264", rate=self.fps)
+            self._video.width, self._video.height = width, height
+            self._video.pix_fmt = "yuv420p"
+            self._video.options = {"crf": str(crf)}
+            ctx = self._video.codec_context
+            ctx.colorspace, ctx.color_range = Colorspace.ITU709, ColorRange.MPEG
+            ctx.color_primaries, ctx.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
+            if self._audio is not None:
+                self._astream = self._container.add_stream("aac", rate=self._audio_rate)
+                self._astream.layout = "mono"
+                self._astream.format = "fltp"
+                self._astream.bit_rate = AAC_BIT_RATE
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, _AV_ERRORS):
+                raise MediaError(f"cannot open video for writing {self.path}: {_one_line(err)}") from err
+            raise
+        self._open = True
+
+    def _prepare_audio(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        audio = np.asarray(audio)
+        if audio.ndim != 1 or audio.size == 0:
+            raise ValueError(f"audio must be a non-empty 1-D mono waveform, got shape {audio.shape}")
+        if sample_rate <= 0:
+            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        audio = np.clip(audio.astype(np.float32), -1.0, 1.0)
+        rates = av.Codec("aac", "w").audio_rates or ()
+        if rates and sample_rate not in rates:
+            higher = [r for r in rates if r >= sample_rate]
+            self._audio_rate = min(higher) if higher else max(rates)
+            logger.debug("resampling audio %d -> %d Hz for AAC", sample_rate, self._audio_rate)
+            audio = _resample_mono(audio, sample_rate, self._audio_rate)
+        return np.ascontiguousarray(audio)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode uint8 RGB frames of shape (N, height, width, 3); call as often as needed."""
+        if not self._open:
+            raise ValueError(f"VideoWriter for {self.path} is already closed")
+        if (
+            not isinstance(frames, np.ndarray)
+            or frames.dtype != np.uint8
+            or frames.ndim != 4
+            or frames.shape[1:] != (self.height, self.width, 3)
+        ):
+            got = (frames.dtype, frames.shape) if isinstance(frames, np.ndarray) else type(frames)
+            raise ValueError(f"frames must be uint8 (N, {self.height}, {self.width}, 3), got {got}")
+        try:
+            for rgb_HW3 in frames:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb_HW3), format="rgb24")
+                frame = frame.reformat(
+                    format="yuv420p",
+                    src_colorspace=Colorspace.ITU709,
+                    dst_colorspace=Colorspace.ITU709,
+                    dst_color_range=ColorRange.MPEG,
+                )
+                frame.pts = self.frames_written
+                frame.time_base = Fraction(1, self.fps)
+                self._container.mux(self._video.encode(frame))
+                self.frames_written += 1
+            # Audio up to the video written so far, in whole AAC frames.
+            self._encode_audio(until=self.frames_written * self._audio_rate // self.fps, final=False)
+        except _AV_ERRORS as err:
+            self.abort()
+            raise MediaError(f"cannot write video {self.path}: {_one_line(err)}") from err
+
+    def _encode_audio(self, until: int, final: bool) -> None:
+        if self._audio is None:
+            return
+        frame_size = self._astream.codec_context.frame_size or 1024
+        until = min(until, self._audio.size)
+        while self._audio_pos < until:
+            n = min(frame_size, self._audio.size - self._audio_pos)
+            if n < frame_size and not final:
+                break  # only the last AAC frame may be short
+            chunk = self._audio[self._audio_pos : self._audio_pos + n]
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+            frame.sample_rate = self._audio_rate
+            frame.pts = self._audio_pos
+            frame.time_base = Fraction(1, self._audio_rate)
+            self._container.mux(self._astream.encode(frame))
+            self._audio_pos += n
+
+    def close(self) -> None:
+        """Encode the rest of the audio, flush the encoders, finish the file, rename onto `path`."""
+        if not self._open:
+            return
+        try:
+            if self.frames_written == 0:
+                raise MediaError(f"no video frames were written to {self.path}")
+            self._container.mux(self._video.encode(None))
+            if self._audio is not None:
+                self._encode_audio(until=self._audio.size, final=True)
+                self._container.mux(self._astream.encode(None))
+            self._container.close()
+            self._container = None
+            os.replace(self._tmp, self.path)
+        except MediaError:
+            self.abort()
+            raise
+        except _AV_ERRORS as err:
+            self.abort()
+            raise MediaError(f"cannot finish video {self.path}: {_one_line(err)}") from err
+        self._open = False
+        video_s = self.frames_written / self.fps
+        if self._audio is not None:
+            audio_s = self._audio.size / self._audio_rate
+            if video_s + 1.0 / self.fps < audio_s:
+                logger.warning(
+                    "%s: video (%.3f s) is shorter than its audio (%.3f s)", self.path, video_s, audio_s
+                )
+        logger.info("wrote %s (%d frames, %.2f s)", self.path, self.frames_written, video_s)
+
+    def abort(self) -> None:
+        """Discard the output: close the container and remove the temporary file."""
+        self._open = False
+        if self._container is not None:
+            try:
+                self._container.close()
+            except _AV_ERRORS:
+                pass
+            self._container = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __del__(self) -> None:
+        if getattr(self, "_open", False):
+            self.abort()
+
+
+# ----------------------------------------------------------------------------------- inspection
+
+
+def _moov_before_mdat(path: Path) -> bool:
+    """True when the top-level 'moov' box precedes 'mdat' (MP4 faststart)."""
+    with path.open("rb") as f:
+        size_total = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos + 8 <= size_total:
+            f.seek(pos)
+            size, kind = struct.unpack(">I4s", f.read(8))
+            if size == 1:
+                (size,) = struct.unpack(">Q", f.read(8))
+            elif size == 0:
+                size = size_total - pos
+            if kind == b"moov":
+                return True
+            if kind == b"mdat" or size < 8:
+                return False
+            pos += size
+    return False
+
+
+def probe(path: str | Path) -> dict[str, Any]:
+    """Describe a video file; frames are counted by demuxing, durations are in seconds.
+
+    Returns {'video': {'codec', 'pix_fmt', 'frames', 'fps', 'duration', 'width', 'height'} | None,
+    'audio': {'codec', 'sample_rate', 'duration'} | None, 'format_duration', 'faststart'}.
+    """
+    p = _check_input_file(path, "video")
+    try:
+        with av.open(str(p)) as container:
+            vs = container.streams.video[0] if container.streams.video else None
+            as_ = container.streams.audio[0] if container.streams.audio else None
+            frames, audio_samples = 0, 0
+            streams = [s for s in (vs, as_) if s is not None]
+            for packet in container.demux(*streams) if streams else ():
+                if packet.size == 0:
+                    continue
+                if vs is not None and packet.stream.index == vs.index:
+                    frames += 1
+                elif packet.duration:
+                    audio_samples += packet.duration
+            video = None
+            if vs is not None:
+                rate = vs.average_rate or vs.guessed_rate
+                fps = float(rate) if rate else 0.0
+                duration = frames / fps if fps else 0.0
+                if vs.duration:
+                    duration = float(vs.duration * vs.time_base)
+                video = {
+                    "codec": vs.codec_context.name,
+                    "pix_fmt": vs.codec_context.pix_fmt,
+                    "frames": frames,
+                    "fps": fps,
+                    "duration": duration,
+                    "width": vs.codec_context.width,
+                    "height": vs.codec_context.height,
+                }
+            audio = None
+            if as_ is not None:
+                duration = as_.duration if as_.duration else audio_samples
+                audio = {
+                    "codec": as_.codec_context.name,
+                    "sample_rate": as_.codec_context.sample_rate,
+                    "duration": float(duration * as_.time_base),
+                }
+            format_duration = container.duration / av.time_base if container.duration else 0.0
+    except _AV_ERRORS as err:
+        raise MediaError(f"cannot read video file {p}: {_one_line(err)}") from err
+    return {
+        "video": video,
+        "audio": audio,
+        "format_duration": float(format_duration),
+        "faststart": _moov_before_mdat(p),
+    }
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Decode every frame of the first video stream to uint8 RGB, shape (N, H, W, 3)."""
+    p = _check_input_file(path, "video")
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                raise MediaError(f"no video stream in {p}")
+            stream = container.streams.video[0]
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            shape = (0, stream.codec_context.height, stream.codec_context.width, 3)
+    except MediaError:
+        raise
+    except _AV_ERRORS as err:
+        raise MediaError(f"cannot decode video file {p}: {_one_line(err)}") from err
+    return np.stack(frames) if frames else np.zeros(shape, np.uint8)
+
+
+__all__ = ["SAMPLE_RATE", "VideoWriter", "load_audio", "load_image", "probe", "read_video"]

@@ -1,0 +1,402 @@
+"""Wan2.1-compatible causal 3D VAE with an explicit streaming cache.
+
+Parameter names follow Wan2.1 (`wan/modules/vae.py`) so `Wan2.1_VAE.pth` loads by name. Time is
+causal everywhere: a 3-tap temporal conv sees the current frame and the two before it, and zeros
+before the stream starts. Streaming state lives in a `VAEStreamCache`; every module that needs
+history gets a fixed slot index once at construction (`_assign_cache_slots`).
+
+Semantics (whole-sequence form; chunked streaming gives the same frames):
+- decoder `upsample3d`: out = [x0, interleave(time_conv(x1..))], 1 + 2(T-1) frames;
+- encoder `downsample3d`: out = [x0, time_conv(x)] with kernel 3, stride 2, no padding, 1 + (T-1)/2.
+
+Legend: B batch, C channels, T frames (video or feature), F latent frames, H/W height/width.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from livetalk_cli.config import VAEConfig
+from livetalk_cli.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class VAEStreamCache:
+    """Streaming state of one encoder or decoder stream.
+
+    `slots[i]` belongs to the module whose `cache_slot == i`: the last `causal_pad` input frames of
+    a causal conv, or the last frame of an encoder `downsample3d`. None means "nothing yet" (zeros).
+    After the first call every slot holds a tensor of fixed shape. `started` is plain Python state:
+    False until the first chunk of the stream has gone through.
+    """
+
+    slots: list[Tensor | None]
+    started: bool = False
+
+    @classmethod
+    def empty(cls, num_slots: int) -> VAEStreamCache:
+        return cls(slots=[None] * num_slots)
+
+    def reset(self) -> None:
+        self.slots = [None] * len(self.slots)
+        self.started = False
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded on the left in time (2 * pad_t frames), symmetric in H/W.
+
+    Spatial zero padding is done by the conv itself (same result as padding first, one copy fewer).
+    With a cache, the slot's stored frames are prepended instead of zeros and then updated.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=(0, ph, pw))
+        self.causal_pad = 2 * pt
+        self.cache_slot = -1  # set by _assign_cache_slots when causal_pad > 0
+
+    def forward(self, x: Tensor, cache: VAEStreamCache | None) -> Tensor:  # (B,C,T,H,W)
+        p = self.causal_pad
+        if p > 0:
+            if cache is None:
+                x = F.pad(x, (0, 0, 0, 0, p, 0))
+            else:
+                assert self.cache_slot >= 0, "cache slots were not assigned"
+                hist = cache.slots[self.cache_slot]
+                if hist is None:
+                    hist = x.new_zeros(x.shape[0], x.shape[1], p, x.shape[3], x.shape[4])
+                x = torch.cat([hist, x], dim=2)
+                cache.slots[self.cache_slot] = x[:, :, -p:].clone()
+        return super().forward(x)
+
+
+def _call(layer: nn.Module, x: Tensor, cache: VAEStreamCache | None) -> Tensor:
+    """Run one layer, handing the cache to the layers that stream."""
+    if isinstance(layer, (CausalConv3d, ResidualBlock, Resample)):
+        return layer(x, cache)
+    return layer(x)
+
+
+def _run(layers: nn.Sequential, x: Tensor, cache: VAEStreamCache | None) -> Tensor:
+    for layer in layers:
+        x = _call(layer, x, cache)
+    return x
+
+
+class RMSNorm(nn.Module):
+    """`F.normalize(x, dim=1) * sqrt(C) * gamma`; gamma (C,1,1,1) for 5D input, (C,1,1) for images.
+
+    Computed in the input dtype like Wan (bf16 is fine; fp16 can overflow the sum of squares).
+    """
+
+    def __init__(self, dim: int, images: bool) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B,C,T,H,W) or (B,C,H,W)
+        # Same as F.normalize(x, dim=1) (eps 1e-12 on the norm), several times faster on CPU.
+        inv_norm = torch.rsqrt((x * x).sum(dim=1, keepdim=True).clamp_min(1e-24))
+        return x * inv_norm * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """norm-SiLU-conv-norm-SiLU-dropout-conv plus a (1x1x1 conv) shortcut; Wan key layout."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(0.0),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: VAEStreamCache | None) -> Tensor:  # (B,Cin,T,H,W) -> (B,Cout,..)
+        return _call(self.shortcut, x, cache) + _run(self.residual, x, cache)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W tokens of each frame, residual add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B,C,T,H,W)
+        b, c, t, h, w = x.shape
+        y = x.transpose(1, 2).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(y)).reshape(b * t, 3 * c, h * w).transpose(1, 2)  # (BT, HW, 3C)
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # each (BT, 1, HW, C)
+        y = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        y = self.proj(y).reshape(b, t, c, h, w).transpose(1, 2)
+        return x + y
+
+
+class Upsample2x(nn.Module):
+    """Nearest-exact 2x upsampling of H/W, computed in float32 (no parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # (N,C,H,W) -> (N,C,2H,2W)
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
+
+
+class Resample(nn.Module):
+    """2x spatial up/down sampling, optionally with 2x temporal up/down sampling (`*3d` modes).
+
+    Upsampling halves the channels (dim -> dim // 2); downsampling keeps them.
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.cache_slot = -1  # used by downsample3d (its last input frame)
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            raise ValueError(f"unknown Resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=0)
+
+    def forward(self, x: Tensor, cache: VAEStreamCache | None) -> Tensor:  # (B,C,T,H,W)
+        if self.mode == "upsample3d":
+            x = self._time_up(x, cache)
+        b, c, t, h, w = x.shape
+        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        y = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+        if self.mode == "downsample3d":
+            y = self._time_down(y, cache)
+        return y
+
+    def _time_up(self, x: Tensor, cache: VAEStreamCache | None) -> Tensor:
+        """(B,C,T,H,W) -> (B,C,T',H,W): the stream's first frame passes alone, later ones double."""
+        first_call = cache is None or not cache.started
+        head, rest = (x[:, :, :1], x[:, :, 1:]) if first_call else (x[:, :, :0], x)
+        if rest.shape[2] == 0:
+            if cache is not None:  # history of time_conv starts as zeros, not frame 0
+                b, c, _, h, w = x.shape
+                cache.slots[self.time_conv.cache_slot] = x.new_zeros(b, c, self.time_conv.causal_pad, h, w)
+            return head
+        y = self.time_conv(rest, cache)  # (B, 2C, T, H, W)
+        b, c2, t, h, w = y.shape
+        y = y.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        return torch.cat([head, y], dim=2)
+
+    def _time_down(self, x: Tensor, cache: VAEStreamCache | None) -> Tensor:
+        """(B,C,T,H,W) -> (B,C,T',H,W): first frame alone, then stride-2 windows of 3 frames."""
+        if cache is not None and cache.started:
+            hist = cache.slots[self.cache_slot]
+            assert hist is not None, "downsample3d history missing after the first chunk"
+            cache.slots[self.cache_slot] = x[:, :, -1:].clone()
+            return self.time_conv(torch.cat([hist, x], dim=2), None)
+        if cache is not None:
+            cache.slots[self.cache_slot] = x[:, :, -1:].clone()
+        if x.shape[2] == 1:
+            return x
+        return torch.cat([x[:, :, :1], self.time_conv(x, None)], dim=2)
+
+
+def _assign_cache_slots(root: nn.Module) -> int:
+    """Give every module that keeps history a fixed slot index (registration order); returns the count."""
+    n = 0
+    for m in root.modules():
+        if (isinstance(m, CausalConv3d) and m.causal_pad > 0) or (
+            isinstance(m, Resample) and m.mode == "downsample3d"
+        ):
+            m.cache_slot = n
+            n += 1
+    return n
+
+
+class Encoder3d(nn.Module):
+    """(B,3,T,H,W) video -> (B,2z,T',H/8,W/8) features; T' = 1 + (T-1)/4 for the default config."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.dim * u for u in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(itertools.pairwise(dims)):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                mode = "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"
+                layers.append(Resample(out_dim, mode))
+        self.downsamples = nn.Sequential(*layers)
+        out = dims[-1]
+        self.middle = nn.Sequential(ResidualBlock(out, out), AttentionBlock(out), ResidualBlock(out, out))
+        self.head = nn.Sequential(
+            RMSNorm(out, images=False), nn.SiLU(), CausalConv3d(out, 2 * cfg.z_dim, 3, padding=1)
+        )
+        self.num_cache_slots = _assign_cache_slots(self)
+
+    def forward(self, x: Tensor, cache: VAEStreamCache | None) -> Tensor:
+        x = self.conv1(x, cache)
+        for seq in (self.downsamples, self.middle, self.head):
+            x = _run(seq, x, cache)
+        if cache is not None:
+            cache.started = True
+        return x
+
+
+class Decoder3d(nn.Module):
+    """(B,z,F,h,w) latent -> (B,3,1+4(F-1),8h,8w) video (not clamped) for the default config."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.dim * u for u in (mult[-1], *mult[::-1])]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])
+        )
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(itertools.pairwise(dims)):
+            if i > 0:
+                in_dim //= 2  # the previous Resample halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1)
+        )
+        self.num_cache_slots = _assign_cache_slots(self)
+
+    def forward(self, x: Tensor, cache: VAEStreamCache | None) -> Tensor:
+        x = self.conv1(x, cache)
+        for seq in (self.middle, self.upsamples, self.head):
+            x = _run(seq, x, cache)
+        if cache is not None:
+            cache.started = True
+        return x
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE: `encoder`, `conv1` (2z->2z), `conv2` (z->z), `decoder`; normalised latents.
+
+    `mean`/`std` are non-persistent buffers (not checkpoint keys), rebuilt from the config after
+    every `load_state_dict` (so a meta-device build loaded with `assign=True` gets real ones).
+    """
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        z = cfg.z_dim
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(2 * z, 2 * z, 1)
+        self.conv2 = CausalConv3d(z, z, 1)
+        self.decoder = Decoder3d(cfg)
+        self.register_buffer("mean", torch.empty(z), persistent=False)
+        self.register_buffer("std", torch.empty(z), persistent=False)
+        self.init_buffers()
+        self.register_load_state_dict_post_hook(_init_buffers_after_load)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the latent mean/std buffers from the config, in float32."""
+        device = self.conv2.weight.device if device is None else device
+        self.mean = torch.tensor(self.cfg.latent_mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(self.cfg.latent_std, dtype=torch.float32, device=device)
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        return self.mean.to(x.dtype).view(shape), self.std.to(x.dtype).view(shape)
+
+    def encode(self, video: Tensor) -> Tensor:
+        """(B,3,T,H,W) in [-1,1], T = 1+4k -> normalised latent mean (B,z,1+k,H/8,W/8).
+
+        The encoder streams: the first frame alone, then chunks of 4 frames, so memory is bounded.
+        """
+        tf, sf = self.cfg.temporal_factor, self.cfg.spatial_factor
+        _, c, t, h, w = video.shape
+        if c != 3 or (t - 1) % tf or h % sf or w % sf:
+            raise ValueError(
+                f"encode wants (B,3,1+{tf}k,H,W) with H, W multiples of {sf}; got {tuple(video.shape)}"
+            )
+        cache = VAEStreamCache.empty(self.encoder.num_cache_slots)
+        chunks = [video[:, :, :1], *(video[:, :, 1:].split(tf, dim=2) if t > 1 else ())]
+        feats = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # (B,2z,F,h,w)
+        mu = self.conv1(feats, None)[:, : self.cfg.z_dim]
+        mean, std = self._stats(mu)
+        return (mu - mean) / std
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Whole latent sequence (B,z,F,h,w) in one call, no cache -> (B,3,1+4(F-1),8h,8w) in [-1,1]."""
+        return self._decode(z, None)
+
+    def new_decode_cache(self) -> VAEStreamCache:
+        return VAEStreamCache.empty(self.decoder.num_cache_slots)
+
+    def decode_step(self, z: Tensor, cache: VAEStreamCache) -> Tensor:
+        """Continue a stream with (B,z,f,h,w), f >= 1 -> (B,3,T,8h,8w) in [-1,1].
+
+        The stream's very first latent frame yields 1 video frame, every other one yields 4.
+        """
+        return self._decode(z, cache)
+
+    def _decode(self, z: Tensor, cache: VAEStreamCache | None) -> Tensor:
+        if z.ndim != 5 or z.shape[1] != self.cfg.z_dim or z.shape[2] < 1:
+            raise ValueError(f"decode wants (B,{self.cfg.z_dim},F>=1,h,w); got {tuple(z.shape)}")
+        mean, std = self._stats(z)
+        x = self.conv2(z * std + mean, None)
+        return self.decoder(x, cache).clamp(-1.0, 1.0)
+
+
+def _init_buffers_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    assert isinstance(module, WanVAE)
+    module.init_buffers()
+
+
+def load_vae_state_dict(path: Path) -> dict[str, Tensor]:
+    """Read a VAE state dict from `.pth` (torch pickle, weights only) or `.safetensors`, on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"VAE checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError):
+        raise CheckpointError(
+            f"cannot read VAE checkpoint {path}: not a weights-only torch checkpoint (corrupt or truncated?)"
+        ) from None
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read VAE checkpoint {path}: {type(e).__name__}: {first}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    flat = isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items())
+    if not flat:
+        raise CheckpointError(f"VAE checkpoint {path} is not a flat name -> tensor state dict")
+    n = sum(v.numel() for v in sd.values())
+    log.debug("read VAE checkpoint %s: %d tensors, %.1fM values", path, len(sd), n / 1e6)
+    return sd
+
+
+def vae_cache_bytes(cache: VAEStreamCache) -> int:
+    """Bytes held by a stream cache (for logging / budgeting)."""
+    return sum(s.numel() * s.element_size() for s in cache.slots if s is not None)

@@ -1,0 +1,126 @@
+"""Assemble a runnable model (DiT + VAE + encoders) from a checkpoint folder, random weights, or
+the embedded default. Device and dtype are chosen here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_state_dict, to_wan_names
+from livetalk_cli.config import ModelConfig, preset
+from livetalk_cli.errors import UserError
+from livetalk_cli.models.audio import AudioFeatureEncoder, build_audio_encoder
+from livetalk_cli.models.dit import WanDiT
+from livetalk_cli.models.text import BuiltinTextEncoder, TextEncoder, build_text_encoder
+from livetalk_cli.models.vae import WanVAE, load_vae_state_dict
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "demo"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    dit: WanDiT
+    vae: WanVAE
+    text_encoder: TextEncoder
+    audio_encoder: AudioFeatureEncoder
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(
+    *,
+    checkpoint: Path | None = None,
+    preset_name: str | None = None,
+    random_weights: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+) -> LoadedModel:
+    """The model to run. With neither a checkpoint nor random weights, the embedded default."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if checkpoint is not None and random_weights:
+        raise UserError("--checkpoint and --random-weights exclude each other")
+    if random_weights:
+        return _random_model(preset(preset_name or "tiny"), dev, dt, seed)
+    if checkpoint is None:
+        if not (EMBEDDED_DEFAULT / "config.json").is_file():
+            raise UserError(
+                "this build has no embedded default model yet: pass --checkpoint DIR, or "
+                "--random-weights to run the real architecture with random weights"
+            )
+        checkpoint = EMBEDDED_DEFAULT
+    return _checkpoint_model(Path(checkpoint), preset_name, dev, dt)
+
+
+def _random_model(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, seed: int) -> LoadedModel:
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        dit = WanDiT(cfg.dit)
+        vae = WanVAE(cfg.vae)
+    text = build_text_encoder(cfg, source=None, random_weights=True, device=dev)
+    audio = build_audio_encoder(cfg, model_dir=None, random_weights=True, device=dev)
+    log.info("random weights for preset %s", cfg.name)
+    return _finish(cfg, dit, vae, text, audio, dev, dt, f"random weights ({cfg.name})")
+
+
+def _checkpoint_model(root: Path, preset_name: str | None, dev: torch.device, dt: torch.dtype) -> LoadedModel:
+    spec = read_checkpoint_spec(root)
+    cfg = spec.config
+    if preset_name is not None and preset_name != cfg.name:
+        raise UserError(f"checkpoint {root} is a {cfg.name!r} model, but --preset says {preset_name!r}")
+    files = spec.files
+    assert files["dit"] is not None and files["vae"] is not None  # checked by read_checkpoint_spec
+    with torch.device("meta"):
+        dit = WanDiT(cfg.dit)
+        vae = WanVAE(cfg.vae)
+    load_weights(dit, to_wan_names(read_state_dict(files["dit"])), f"DiT weights {files['dit']}")
+    load_weights(vae, load_vae_state_dict(files["vae"]), f"VAE weights {files['vae']}")
+    vae.init_buffers("cpu")
+    text: TextEncoder
+    if cfg.text_encoder == "builtin":
+        if files["text_encoder"] is None:
+            raise UserError(f"{root}: files.text_encoder is required for the built-in text encoder")
+        enc = BuiltinTextEncoder(cfg.text_vocab, cfg.dit.text_len, cfg.dit.text_dim)
+        load_weights(enc, read_state_dict(files["text_encoder"]), f"text encoder {files['text_encoder']}")
+        text = enc.to(dev)
+    else:
+        text = build_text_encoder(cfg, source=files["text_encoder"], random_weights=False, device=dev)
+    audio = build_audio_encoder(cfg, model_dir=files["audio_encoder"], random_weights=False, device=dev)
+    return _finish(cfg, dit, vae, text, audio, dev, dt, str(root))
+
+
+def _finish(cfg, dit, vae, text, audio, dev, dt, source) -> LoadedModel:  # noqa: ANN001
+    dit = dit.to(dev, dt).eval().requires_grad_(False)
+    # The VAE runs in fp32 on CPU (no fast bf16 convs there) and in the model dtype on GPU.
+    vae_dtype = dt if dev.type == "cuda" else torch.float32
+    vae = vae.to(dev, vae_dtype).eval().requires_grad_(False)
+    return LoadedModel(cfg, dit, vae, text, audio, dev, dt, source)

@@ -1,0 +1,30 @@
+"""Installs the `livetalk` toolkit. The CUDA extension in csrc/ is built only where CUDA is available."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="livetalk",
+    version="0.1.0",
+    description="Real-time audio-driven avatar video diffusion: distil, export, render, stream, bench.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["livetalk_cli", "livetalk_cli.*"]),
+    package_data={"livetalk_cli": ["assets/**/*"]},
+    install_requires=[
+        "torch>=2.11",
+        "numpy>=1.26",
+        "av>=12",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "typer>=0.12",
+        "rich>=13",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "tokenizers>=0.19"],
+        "transformers": ["transformers>=4.45", "tokenizers>=0.19"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "tensorrt": ["tensorrt>=10.0"],
+        "serving": ["fastapi>=0.110", "uvicorn>=0.29"],
+    },
+    entry_points={"console_scripts": ["livetalk=livetalk_cli.cli:main"]},
+)

@@ -1,0 +1,177 @@
+"""`livetalk render` end to end on the tiny preset with random weights (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from livetalk_cli.checkpoint import save_checkpoint
+from livetalk_cli.cli import app
+from livetalk_cli.media import probe, read_video
+from livetalk_cli.pipeline import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+FACE = ROOT / "examples" / "face.png"
+runner = CliRunner()
+
+
+def write_wav(path: Path, seconds: float, sr: int = 16000, seed: int = 0) -> Path:
+    n = round(seconds * sr)
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / sr
+    x = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(n)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype(np.int16).tobytes())
+    return path
+
+
+def render(*args: str):
+    return runner.invoke(app, ["render", *args, "--random-weights", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("seconds", [0.37, 1.0, 2.71])
+def test_render_streams_frames_and_durations(tmp_path, seconds):
+    audio = write_wav(tmp_path / "a.wav", seconds)
+    out = tmp_path / "out" / "a.mp4"
+    res = render(str(audio), "--image", str(FACE), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    info = probe(out)
+    frames = math.ceil(seconds * 16)
+    assert info["video"]["codec"] == "h264" and info["video"]["pix_fmt"] == "yuv420p"
+    assert info["audio"]["codec"] == "aac"
+    assert info["video"]["frames"] == frames
+    assert (info["video"]["width"], info["video"]["height"]) == (64, 64)
+    assert abs(info["video"]["duration"] - frames / 16) < 1e-6
+    assert abs(info["audio"]["duration"] - seconds) < 1 / 16
+    assert abs(info["video"]["duration"] - info["audio"]["duration"]) < 1 / 16
+    assert info["faststart"]
+    assert [p.name for p in out.parent.iterdir()] == ["a.mp4"]  # no temp files left
+
+
+def test_checkpoint_round_trip_renders_identical_frames(tmp_path):
+    audio = write_wav(tmp_path / "a.wav", 1.2)
+    model = load_model(random_weights=True, preset_name="tiny", device="cpu", seed=0)
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, model.cfg, {"dit": model.dit, "vae": model.vae, "text_encoder": model.text_encoder})
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    assert render(str(audio), "--image", str(FACE), "--out", str(a)).exit_code == 0
+    res = runner.invoke(app, ["render", str(audio), "--image", str(FACE), "--out", str(b), "--checkpoint", str(ck)])
+    assert res.exit_code == 0, res.output
+    va, vb = read_video(a), read_video(b)
+    assert va.shape == vb.shape and np.array_equal(va, vb)
+    assert va.std() > 1.0  # not a blank video
+    # a different seed gives different frames
+    c = tmp_path / "c.mp4"
+    assert render(str(audio), "--image", str(FACE), "--out", str(c), "--seed", "7").exit_code == 0
+    assert not np.array_equal(read_video(c), va)
+
+
+def test_batch_manifest_resumes_and_isolates_failures(tmp_path):
+    for name, sec in (("x", 0.6), ("y", 0.9)):
+        write_wav(tmp_path / f"{name}.wav", sec)
+    lines = [
+        {"audio": "x.wav", "image": str(FACE), "out": "out/x.mp4"},
+        {"audio": "missing.wav", "out": "out/m.mp4", "prompt": "smiling"},
+        {"audio": "y.wav", "out": "out/y.mp4"},
+    ]
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    res = render("--manifest", str(manifest), "--image", str(FACE))
+    assert res.exit_code == 1
+    assert "missing.wav" in res.output and "1 of 3 job(s) failed" in res.output
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["x.mp4", "y.mp4"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    write_wav(tmp_path / "missing.wav", 0.5)
+    res = render("--manifest", str(manifest), "--image", str(FACE))
+    assert res.exit_code == 0, res.output
+    assert res.output.count("skipped (exists)") == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "m.mp4"} == mtimes
+    assert probe(out / "m.mp4")["video"]["frames"] == 8
+
+
+def _assert_clean_failure(res, out: Path, code: int, needle: str):
+    assert res.exit_code == code, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    if out.parent.exists():
+        assert list(out.parent.iterdir()) == []
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    out = tmp_path / "o" / "v.mp4"
+    good = write_wav(tmp_path / "g.wav", 0.5)
+    _assert_clean_failure(render(str(tmp_path / "nope.wav"), "--image", str(FACE), "--out", str(out)),
+                          out, 1, "not found")
+    corrupt = tmp_path / "c.wav"
+    corrupt.write_text("this is not audio")
+    _assert_clean_failure(render(str(corrupt), "--image", str(FACE), "--out", str(out)), out, 1, "c.wav")
+    empty = write_wav(tmp_path / "e.wav", 0.0)
+    _assert_clean_failure(render(str(empty), "--image", str(FACE), "--out", str(out)), out, 1, "e.wav")
+    bad_img = tmp_path / "face.png"
+    bad_img.write_bytes(b"\x89PNG garbage")
+    _assert_clean_failure(render(str(good), "--image", str(bad_img), "--out", str(out)), out, 1, "face.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "g.wav", "out": "o/v.mp4"}\n{"audio": "g.wav"\n')
+    _assert_clean_failure(render("--manifest", str(manifest), "--image", str(FACE)), out, 2, "m.jsonl:2")
+    _assert_clean_failure(render(str(good), "--out", str(out)), out, 2, "--image is required")
+
+
+def test_checkpoint_mismatch_and_nan_weights(tmp_path):
+    audio = write_wav(tmp_path / "a.wav", 0.5)
+    model = load_model(random_weights=True, preset_name="tiny", device="cpu")
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, model.cfg, {"dit": model.dit, "vae": model.vae, "text_encoder": model.text_encoder})
+    out = tmp_path / "o" / "v.mp4"
+    res = runner.invoke(app, ["render", str(audio), "--image", str(FACE), "--out", str(out), "--checkpoint",
+                              str(ck), "--preset", "omniavatar-1.3b"])
+    _assert_clean_failure(res, out, 2, "is a 'tiny' model")
+    # a checkpoint whose config says another architecture than its weights
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["model"]["dit"]["num_layers"] = 6
+    (ck / "config.json").write_text(json.dumps(cfg))
+    res = runner.invoke(app, ["render", str(audio), "--image", str(FACE), "--out", str(out), "--checkpoint", str(ck)])
+    _assert_clean_failure(res, out, 2, "56 missing key(s): audio_cond_projs.1.bias")
+    assert "blocks.4.cross_attn.k.bias" in res.output
+    # NaN weights: caught where frames are emitted, nothing written
+    with torch.no_grad():
+        model.dit.head.head.weight.fill_(float("nan"))
+    save_checkpoint(ck, model.cfg, {"dit": model.dit, "vae": model.vae, "text_encoder": model.text_encoder})
+    res = runner.invoke(app, ["render", str(audio), "--image", str(FACE), "--out", str(out), "--checkpoint", str(ck)])
+    _assert_clean_failure(res, out, 1, "NaN")
+
+
+def _peak_rss_mb(tmp_path: Path, seconds: float) -> float:
+    audio = write_wav(tmp_path / f"{seconds}.wav", seconds)
+    code = (
+        "import resource, sys\n"
+        "from livetalk_cli.cli import app\n"
+        f"try: app(['render', {str(audio)!r}, '--image', {str(FACE)!r}, '--out', {str(tmp_path / 'm.mp4')!r},"
+        " '--random-weights', '--device', 'cpu', '--overwrite'])\n"
+        "except SystemExit as e: assert not e.code, e.code\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_memory_does_not_grow_with_audio_length(tmp_path):
+    short = _peak_rss_mb(tmp_path, 10.0)
+    long = _peak_rss_mb(tmp_path, 60.0)
+    # 60 s of 16 kHz float32 audio is ~4 MB (plus its encoded copy); frames and latents must not pile up.
+    assert long <= short + 25, (short, long)

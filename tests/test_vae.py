@@ -1,0 +1,202 @@
+"""Wan VAE: streaming decode parity, encode shapes, real-size key layout, checkpoint round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from livetalk_cli.config import VAEConfig, preset, video_frames_for_latents
+from livetalk_cli.errors import CheckpointError
+from livetalk_cli.models.vae import (
+    Resample,
+    VAEStreamCache,
+    WanVAE,
+    load_vae_state_dict,
+)
+
+
+def _tiny_vae(seed: int = 0) -> WanVAE:
+    """Tiny VAE with every weight random (incl. the zero-init attention proj and the norm gammas)."""
+    torch.manual_seed(seed)
+    vae = WanVAE(preset("tiny").vae).eval()
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith("proj.weight"):
+                p.copy_(0.2 * torch.randn_like(p))
+        # Non-trivial latent statistics so the (de)normalisation is exercised too.
+        vae.mean = torch.linspace(-0.5, 0.5, vae.cfg.z_dim)
+        vae.std = torch.linspace(0.5, 2.0, vae.cfg.z_dim)
+    return vae
+
+
+@pytest.fixture(scope="module")
+def vae() -> WanVAE:
+    return _tiny_vae()
+
+
+def _latents(num: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, num, 4, 4, generator=g)  # (B, z, F, h, w) -> 32x32 video
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_latent", [1, 2, 3, 5])
+def test_decode_step_per_frame_matches_whole_decode(vae: WanVAE, num_latent: int) -> None:
+    z = _latents(num_latent)
+    whole = vae.decode(z)
+    assert whole.shape == (1, 3, video_frames_for_latents(num_latent), 32, 32)
+    # The output must not be saturated, or the clamp could hide a cache bug.
+    assert (whole.abs() < 0.99).float().mean() > 0.5
+
+    cache = vae.new_decode_cache()
+    parts = []
+    for i in range(num_latent):
+        part = vae.decode_step(z[:, :, i : i + 1], cache)
+        assert part.shape[2] == (1 if i == 0 else 4)
+        parts.append(part)
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, atol=1e-5, rtol=1e-5)
+    assert all(s is not None for s in cache.slots)  # every slot holds a tensor after the first step
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_latent", [5, 7])
+def test_decode_step_in_chunks_of_three_matches_whole_decode(vae: WanVAE, num_latent: int) -> None:
+    z = _latents(num_latent, seed=2)
+    whole = vae.decode(z)
+    cache = vae.new_decode_cache()
+    parts = [vae.decode_step(chunk, cache) for chunk in z.split(3, dim=2)]
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_streaming_cache_is_needed(vae: WanVAE) -> None:
+    """Decoding the second frame without the first frame's history gives different output."""
+    z = _latents(3, seed=3)
+    whole = vae.decode(z)
+    cache = vae.new_decode_cache()
+    vae.decode_step(z[:, :, :2], cache)
+    fresh = vae.new_decode_cache()
+    vae.decode_step(z[:, :, :1], fresh)  # same "started" state, wrong history
+    wrong = vae.decode_step(z[:, :, 2:], fresh)
+    right = vae.decode_step(z[:, :, 2:], cache)
+    torch.testing.assert_close(right, whole[:, :, -4:], atol=1e-5, rtol=1e-5)
+    assert (wrong - right).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_resample_time_semantics_against_hand_formulas() -> None:
+    """upsample3d: [x0, interleave(time_conv(x1..) with 2 zero frames in front)]; downsample3d:
+    [x0, time_conv(x) (kernel 3, stride 2, no padding)]; both streamed through a cache too."""
+    torch.manual_seed(6)
+    x = torch.randn(1, 4, 5, 6, 6)
+
+    up = Resample(4, "upsample3d")
+    up.cache_slot, up.time_conv.cache_slot = -1, 0
+    tc = F.conv3d(F.pad(x[:, :, 1:], (0, 0, 0, 0, 2, 0)), up.time_conv.weight, up.time_conv.bias)
+    pairs = torch.stack([tc[:, :4], tc[:, 4:]], dim=3).reshape(1, 4, 8, 6, 6)  # (B,C,2T,H,W)
+    frames = torch.cat([x[:, :, :1], pairs], dim=2).transpose(1, 2).reshape(9, 4, 6, 6)
+    expected = up.resample(frames).reshape(1, 9, 2, 12, 12).transpose(1, 2)
+    torch.testing.assert_close(up(x, None), expected, atol=1e-5, rtol=1e-5)
+    cache = VAEStreamCache.empty(1)
+    parts = []
+    for i in range(5):
+        parts.append(up(x[:, :, i : i + 1], cache))
+        cache.started = True
+    torch.testing.assert_close(torch.cat(parts, dim=2), expected, atol=1e-5, rtol=1e-5)
+
+    down = Resample(4, "downsample3d")
+    down.cache_slot = 0
+    y = down.resample(x.transpose(1, 2).reshape(5, 4, 6, 6)).reshape(1, 5, 4, 3, 3).transpose(1, 2)
+    tc = F.conv3d(y, down.time_conv.weight, down.time_conv.bias, stride=(2, 1, 1))
+    expected = torch.cat([y[:, :, :1], tc], dim=2)
+    torch.testing.assert_close(down(x, None), expected, atol=1e-5, rtol=1e-5)
+    cache = VAEStreamCache.empty(1)
+    first = down(x[:, :, :1], cache)
+    cache.started = True
+    rest = down(x[:, :, 1:], cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=2), expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_encode_shapes_determinism_and_chunk_parity(vae: WanVAE) -> None:
+    g = torch.Generator().manual_seed(4)
+    video = torch.rand(1, 3, 9, 32, 32, generator=g) * 2 - 1  # T = 1 + 4 * 2
+    z = vae.encode(video)
+    assert z.shape == (1, 4, 3, 4, 4)
+    torch.testing.assert_close(vae.encode(video), z, atol=0, rtol=0)
+
+    # The chunked (streaming) encoder equals one uncached pass over the whole video.
+    mu = vae.conv1(vae.encoder(video, None), None)[:, :4]
+    mean, std = vae.mean.view(1, -1, 1, 1, 1), vae.std.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(z, (mu - mean) / std, atol=1e-5, rtol=1e-5)
+
+    recon = vae.decode(z)
+    assert recon.shape == video.shape
+    assert recon.abs().max() <= 1.0
+
+    # A single image (the reference frame) encodes to one latent frame, equal to the video's first.
+    z1 = vae.encode(video[:, :, :1])
+    assert z1.shape == (1, 4, 1, 4, 4)
+    torch.testing.assert_close(z1, z[:, :, :1], atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ValueError):
+        vae.encode(video[:, :, :8])
+
+
+def test_real_size_layout_on_meta() -> None:
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig())
+    assert sum(p.numel() for p in vae.parameters()) == 126_892_531
+    assert vae.decoder.num_cache_slots == 32
+    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert "mean" not in shapes and "std" not in shapes
+    assert shapes["encoder.conv1.weight"] == (96, 3, 3, 3, 3)
+    assert shapes["conv1.weight"] == (32, 32, 1, 1, 1)
+    assert shapes["conv2.weight"] == (16, 16, 1, 1, 1)
+    assert shapes["decoder.conv1.weight"] == (384, 16, 3, 3, 3)
+    assert shapes["decoder.upsamples.3.time_conv.weight"] == (768, 384, 3, 1, 1)
+    assert shapes["decoder.upsamples.3.resample.1.weight"] == (192, 384, 3, 3)
+    assert shapes["decoder.upsamples.4.shortcut.weight"] == (384, 192, 1, 1, 1)
+    assert shapes["decoder.head.2.weight"] == (3, 96, 3, 3, 3)
+    assert shapes["encoder.downsamples.5.time_conv.weight"] == (192, 192, 3, 1, 1)
+    assert shapes["encoder.middle.1.norm.gamma"] == (384, 1, 1)
+    assert shapes["encoder.middle.1.to_qkv.weight"] == (1152, 384, 1, 1)
+    assert shapes["encoder.middle.1.proj.bias"] == (384,)
+    assert shapes["decoder.upsamples.0.residual.0.gamma"] == (384, 1, 1, 1)
+    assert shapes["decoder.upsamples.0.residual.6.weight"] == (384, 384, 3, 3, 3)
+
+
+@torch.no_grad()
+def test_checkpoint_round_trips(vae: WanVAE, tmp_path: Path) -> None:
+    sd = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    st_path, pth_path = tmp_path / "vae.safetensors", tmp_path / "vae.pth"
+    save_file(sd, str(st_path))
+    torch.save(sd, pth_path)
+    z = _latents(2, seed=5)
+    expected = vae.decode(z)
+    for path, device in ((st_path, "meta"), (pth_path, "cpu")):
+        with torch.device(device):
+            other = WanVAE(preset("tiny").vae).eval()
+        other.load_state_dict(load_vae_state_dict(path), strict=True, assign=device == "meta")
+        assert other.mean.device.type == "cpu"  # rebuilt after loading, also from a meta build
+        other.mean, other.std = vae.mean.clone(), vae.std.clone()
+        torch.testing.assert_close(other.decode(z), expected, atol=0, rtol=0)
+
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"corrupt\.pth"):
+        load_vae_state_dict(bad)
+    bad_st = tmp_path / "corrupt.safetensors"
+    bad_st.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError):
+        load_vae_state_dict(bad_st)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_vae_state_dict(tmp_path / "missing.pth")
