@@ -118,7 +118,16 @@ def _checkpoint_model(root: Path, preset_name: str | None, dev: torch.device, dt
     return _finish(cfg, dit, vae, text, audio, dev, dt, str(root))
 
 
-def _finish(cfg, dit, vae, text, audio, dev, dt, source) -> LoadedModel:  # noqa: ANN001
+def _finish(
+    cfg: ModelConfig,
+    dit: WanDiT,
+    vae: WanVAE,
+    text: TextEncoder,
+    audio: AudioFeatureEncoder,
+    dev: torch.device,
+    dt: torch.dtype,
+    source: str,
+) -> LoadedModel:
     dit = dit.to(dev, dt).eval().requires_grad_(False)
     # The VAE runs in fp32 on CPU (no fast bf16 convs there) and in the model dtype on GPU.
     vae_dtype = dt if dev.type == "cuda" else torch.float32

@@ -67,9 +67,9 @@ class BlockSampler:
         )
         self.sigmas = sampling_sigmas(cfg.stream.num_steps, cfg.stream.shift).float().to(self.device)
         f = cfg.stream.block_frames
-        self._pin_first = torch.zeros(1, 1, f, 1, 1, device=self.device)
-        self._pin_first[:, :, 0] = 1.0
-        self._pin_rest = torch.zeros_like(self._pin_first)
+        self._pin_rest = torch.zeros(1, 1, f, 1, 1, device=self.device)
+        self._pin_ref = self._pin_rest.clone()
+        self._pin_ref[:, :, 0] = 1.0  # block 0, frame 0: the reference latent
         self.step = block_step
         self.block_index = 0
 
@@ -78,27 +78,25 @@ class BlockSampler:
         self.cache.reset()
         self.block_index = 0
         self.text_kv = text_kv
-        c = self.cfg.dit.out_dim
         f = self.cfg.stream.block_frames
-        h, w = self.cfg.latent_hw
-        b = self.cache.k.shape[1]
         if ref_latent is None:
             if self.cfg.dit.has_reference:
                 raise ValueError("this model needs a reference latent")
-            self.ref = torch.zeros(b, c, 1, h, w, device=self.device)
+            h, w = self.cfg.latent_hw
+            self.ref = torch.zeros(self.cache.k.shape[1], self.cfg.dit.out_dim, 1, h, w, device=self.device)
             self._y_first = self._y_rest = None
-            self._pin_first_eff = self._pin_rest
+            self._pin_first = self._pin_rest
         else:
             self.ref = ref_latent.to(self.device, torch.float32)
             self._y_rest = reference_conditioning(self.ref, f, first_known=False)
             self._y_first = reference_conditioning(self.ref, f, first_known=True)
-            self._pin_first_eff = self._pin_first
+            self._pin_first = self._pin_ref
 
     def denoise_block(self, noise: Tensor, audio: Tensor | None) -> Tensor:
         """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w)."""
         first = self.block_index == 0
         cond = Conditioning(self.text_kv, self._y_first if first else self._y_rest, audio)
-        pin = self._pin_first_eff if first else self._pin_rest
+        pin = self._pin_first if first else self._pin_rest
         x0 = self.step(self.dit, self.cache, noise, self.sigmas, cond, self.ref, pin)
         self.cache.commit()
         self.block_index += 1

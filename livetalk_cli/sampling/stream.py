@@ -77,11 +77,6 @@ class AvatarStream:
         """Video frames [start, end) of block n (default: the next block)."""
         return block_video_range(self.block if n is None else n, self.cfg.stream.block_frames, self.tf)
 
-    def samples_needed(self) -> int:
-        """Audio samples the next block needs before it can start (frames + look-ahead + margin)."""
-        _, end = self.video_range()
-        return (end + self.lookahead_frames) * self.spf + self.model.audio_encoder.margin
-
     @torch.no_grad()
     def next_block(self, wave: Tensor) -> Tensor:
         """wave: (S,) float32 16 kHz audio so far (sample 0 = frame 0) → video (1, 3, T, H, W)."""
