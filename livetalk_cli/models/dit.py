@@ -53,7 +53,9 @@ class LayerNorm32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
-class SelfAttn(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o linears and RMSNorm on q and k over the full dim (Wan's attention layers)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.dim
@@ -61,6 +63,8 @@ class SelfAttn(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
 
+
+class SelfAttn(_Projections):
     def forward(self, x: Tensor, layer: int, attn: SelfAttention) -> Tensor:
         """x: (B, L, D) in the weights' dtype → (B, L, D)."""
         b, n, _ = x.shape
@@ -70,14 +74,7 @@ class SelfAttn(nn.Module):
         return self.o(attn(layer, q, k, v).flatten(2))
 
 
-class CrossAttn(nn.Module):
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        d = cfg.dim
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(d, cfg.eps), RMSNorm(d, cfg.eps)
-
+class CrossAttn(_Projections):
     def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """context: (B, Lt, D) embedded text → k, v (B, Lt, H, Dh). Computed once per prompt."""
         b, n, _ = context.shape
