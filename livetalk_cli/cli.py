@@ -107,7 +107,7 @@ def render(
 
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err, transient=False,
+            console=err, transient=True,
         ) as progress:
             overall = progress.add_task("jobs", total=len(jobs))
             current: dict[str, int] = {}
@@ -137,7 +137,8 @@ def render(
             )
         failed = [r for r in results if r.status == "failed"]
         if failed:
-            err.print(f"[bold red]{len(failed)} of {len(results)} job(s) failed[/]")
+            if len(results) > 1:
+                err.print(f"[bold red]{len(failed)} of {len(results)} job(s) failed[/]")
             raise typer.Exit(1)
 
 
