@@ -15,7 +15,7 @@ from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import AudioFeatureEncoder, build_audio_encoder
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.models.text import BuiltinTextEncoder, TextEncoder, build_text_encoder
-from livetalk_cli.models.vae import WanVAE, load_vae_state_dict
+from livetalk_cli.models.vae import WanVAE
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ def _checkpoint_model(root: Path, preset_name: str | None, dev: torch.device, dt
         dit = WanDiT(cfg.dit)
         vae = WanVAE(cfg.vae)
     load_weights(dit, to_wan_names(read_state_dict(files["dit"])), f"DiT weights {files['dit']}")
-    load_weights(vae, load_vae_state_dict(files["vae"]), f"VAE weights {files['vae']}")
-    vae.init_buffers("cpu")
+    load_weights(vae, read_state_dict(files["vae"]), f"VAE weights {files['vae']}")  # hook restores mean/std
     text: TextEncoder
     if cfg.text_encoder == "builtin":
         if files["text_encoder"] is None:

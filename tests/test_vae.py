@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from livetalk_cli.checkpoint import read_state_dict
 from livetalk_cli.config import VAEConfig, preset, video_frames_for_latents
 from livetalk_cli.errors import CheckpointError
 from livetalk_cli.models.vae import (
     Resample,
     VAEStreamCache,
     WanVAE,
-    load_vae_state_dict,
 )
 
 
@@ -185,7 +185,7 @@ def test_checkpoint_round_trips(vae: WanVAE, tmp_path: Path) -> None:
     for path, device in ((st_path, "meta"), (pth_path, "cpu")):
         with torch.device(device):
             other = WanVAE(preset("tiny").vae).eval()
-        other.load_state_dict(load_vae_state_dict(path), strict=True, assign=device == "meta")
+        other.load_state_dict(read_state_dict(path), strict=True, assign=device == "meta")
         assert other.mean.device.type == "cpu"  # rebuilt after loading, also from a meta build
         other.mean, other.std = vae.mean.clone(), vae.std.clone()
         torch.testing.assert_close(other.decode(z), expected, atol=0, rtol=0)
@@ -193,10 +193,10 @@ def test_checkpoint_round_trips(vae: WanVAE, tmp_path: Path) -> None:
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match=r"corrupt\.pth"):
-        load_vae_state_dict(bad)
+        read_state_dict(bad)
     bad_st = tmp_path / "corrupt.safetensors"
     bad_st.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError):
-        load_vae_state_dict(bad_st)
+        read_state_dict(bad_st)
     with pytest.raises(CheckpointError, match="not found"):
-        load_vae_state_dict(tmp_path / "missing.pth")
+        read_state_dict(tmp_path / "missing.pth")

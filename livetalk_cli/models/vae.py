@@ -15,21 +15,13 @@ Legend: B batch, C channels, T frames (video or feature), F latent frames, H/W h
 from __future__ import annotations
 
 import itertools
-import logging
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from livetalk_cli.config import VAEConfig
-from livetalk_cli.errors import CheckpointError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -368,35 +360,3 @@ class WanVAE(nn.Module):
 def _init_buffers_after_load(module: nn.Module, incompatible_keys: object) -> None:
     assert isinstance(module, WanVAE)
     module.init_buffers()
-
-
-def load_vae_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a VAE state dict from `.pth` (torch pickle, weights only) or `.safetensors`, on CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"VAE checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError):
-        raise CheckpointError(
-            f"cannot read VAE checkpoint {path}: not a weights-only torch checkpoint (corrupt or truncated?)"
-        ) from None
-    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read VAE checkpoint {path}: {type(e).__name__}: {first}") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    flat = isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items())
-    if not flat:
-        raise CheckpointError(f"VAE checkpoint {path} is not a flat name -> tensor state dict")
-    n = sum(v.numel() for v in sd.values())
-    log.debug("read VAE checkpoint %s: %d tensors, %.1fM values", path, len(sd), n / 1e6)
-    return sd
-
-
-def vae_cache_bytes(cache: VAEStreamCache) -> int:
-    """Bytes held by a stream cache (for logging / budgeting)."""
-    return sum(s.numel() * s.element_size() for s in cache.slots if s is not None)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from livetalk_cli.config import latents_for_video_frames
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import frame_features, samples_per_frame, window_frames
 from livetalk_cli.models.dit import pack_audio_frames
@@ -35,8 +36,7 @@ def block_video_range(n: int, block_frames: int, temporal_factor: int) -> tuple[
 
 
 def blocks_for_video_frames(num_frames: int, block_frames: int, temporal_factor: int) -> int:
-    n_lat = 1 + math.ceil(max(num_frames - 1, 0) / temporal_factor)
-    return math.ceil(n_lat / block_frames)
+    return math.ceil(latents_for_video_frames(num_frames, temporal_factor) / block_frames)
 
 
 def frames_to_uint8(video: Tensor) -> np.ndarray:
@@ -59,14 +59,14 @@ class AvatarStream:
         self.context_frames, self.lookahead_frames = window_frames(cfg.audio, cfg.fps)
         self.tf = cfg.vae.temporal_factor
         self.generator = torch.Generator(device=model.device)
+        self.vae_dtype = next(model.vae.parameters()).dtype
         self.block = 0
 
     @torch.no_grad()
     def start(self, image: Tensor, prompt: str, seed: int = 0) -> None:
         """image: (3, H, W) in [-1, 1] at the preset's resolution."""
         m = self.model
-        vae_dtype = next(m.vae.parameters()).dtype
-        ref = m.vae.encode(image[None, :, None].to(m.device, vae_dtype)).float()  # (1, C, 1, h, w)
+        ref = m.vae.encode(image[None, :, None].to(m.device, self.vae_dtype)).float()  # (1, C, 1, h, w)
         text_kv = m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
         self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
         self.vae_cache = m.vae.new_decode_cache()
@@ -94,5 +94,4 @@ class AvatarStream:
         )
         x0 = self.sampler.denoise_block(noise, audio)
         self.block += 1
-        vae_dtype = next(m.vae.parameters()).dtype
-        return m.vae.decode_step(x0.to(vae_dtype), self.vae_cache)
+        return m.vae.decode_step(x0.to(self.vae_dtype), self.vae_cache)
