@@ -1,0 +1,117 @@
+"""Evaluate MP4 files with the world's metrics (`livetalk eval`): lip-sync, identity, stability, drift.
+
+Each video is read with its own audio track and fps; its reference image comes from `reference`
+or from a sidecar `<video stem>.ref.png` beside it. Results are written as one JSON document
+{"videos": [...], "mean": {...}}, atomically (a temporary file renamed onto the destination).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from livetalk_cli.errors import UserError
+from livetalk_cli.media import SAMPLE_RATE, load_audio, probe, read_video
+from livetalk_cli.world.metrics import evaluate_video
+
+log = logging.getLogger(__name__)
+
+# Scalar fields averaged over videos in the "mean" entry.
+MEAN_KEYS = (
+    "lip_sync_corr",
+    "lip_sync_offset",
+    "lip_sync_corr_at_zero",
+    "identity_error",
+    "flicker",
+    "black_frames",
+    "frozen_frames",
+    "drift_per_min",
+    "seconds",
+)
+
+
+def sidecar_reference(video: Path) -> Path:
+    """Where `livetalk eval` looks for a video's reference image: <stem>.ref.png beside it."""
+    return video.with_name(f"{video.stem}.ref.png")
+
+
+def read_reference(path: Path, height: int, width: int) -> np.ndarray:
+    """An RGB image as uint8 (height, width, 3), resized (Lanczos) if its size differs."""
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+            if img.size != (width, height):
+                log.info("resizing reference %s from %dx%d to %dx%d", path, *img.size, width, height)
+                img = img.resize((width, height), Image.Resampling.LANCZOS)
+            return np.asarray(img, np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read reference image {path}: {' '.join(str(err).split())}") from err
+
+
+def evaluate_file(video: Path, reference: Path | None) -> dict[str, Any]:
+    """Metrics for one MP4 (see `metrics.evaluate_video`) plus its 'video' and 'reference' paths."""
+    video = Path(video)
+    ref_path = Path(reference) if reference is not None else sidecar_reference(video)
+    if not video.is_file():
+        raise UserError(f"video file not found: {video}")
+    if not ref_path.is_file():
+        hint = "" if reference is not None else f" (pass --reference or put {ref_path.name} beside the video)"
+        raise UserError(f"reference image not found: {ref_path}{hint}")
+    info = probe(video)
+    if info["video"] is None:
+        raise UserError(f"no video stream in {video}")
+    if info["audio"] is None:
+        raise UserError(f"no audio track in {video}: lip-sync needs the audio")
+    fps = float(info["video"]["fps"])
+    if fps <= 0:
+        raise UserError(f"cannot tell the frame rate of {video}")
+    frames = read_video(video)
+    if frames.shape[0] == 0:
+        raise UserError(f"no frames decoded from {video}")
+    audio = load_audio(video, SAMPLE_RATE)
+    ref = read_reference(ref_path, frames.shape[1], frames.shape[2])
+    log.info("evaluating %s: %d frames at %.3f fps, %.2f s of audio", video, frames.shape[0], fps,
+             audio.size / SAMPLE_RATE)
+    result: dict[str, Any] = {"video": str(video), "reference": str(ref_path), "fps": fps}
+    result.update(evaluate_video(frames, audio, SAMPLE_RATE, fps, ref))
+    return result
+
+
+def mean_result(results: list[dict[str, Any]]) -> dict[str, float]:
+    """The mean of each field in MEAN_KEYS over the results (empty dict for no results)."""
+    if not results:
+        return {}
+    return {k: float(np.mean([float(r[k]) for r in results])) for k in MEAN_KEYS}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it onto `path`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"output directory does not exist: {path.parent}")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def evaluate_files(videos: list[Path], reference: Path | None, out_json: Path | None) -> list[dict[str, Any]]:
+    """Evaluate each video (all must be readable, else a UserError before anything is written);
+    write {"videos": results, "mean": mean_result(results)} to `out_json` if given."""
+    if not videos:
+        raise UserError("give at least one VIDEO file")
+    results = [evaluate_file(Path(v), reference) for v in videos]
+    if out_json is not None:
+        write_json_atomic(Path(out_json), {"videos": results, "mean": mean_result(results)})
+        log.info("wrote %s", out_json)
+    return results
