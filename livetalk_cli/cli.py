@@ -142,5 +142,90 @@ def render(
             raise typer.Exit(1)
 
 
+@app.command()
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (or a folder holding recipe.yaml).")],
+    stage: Annotated[
+        str | None, typer.Option(help="Run only this stage: vae, teacher, trajectories, ode_init or dmd.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override every training stage's step count.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (overrides the recipe's `out`).")] = None,
+) -> None:
+    """Distil a many-step bidirectional teacher into a causal 4-step student (run a RECIPE's stages).
+
+    Every stage resumes from its last checkpoint, so a killed run continues where it stopped.
+    Multi-process: `torchrun --nproc-per-node N -m livetalk_cli distill RECIPE` (gloo on CPU).
+    The final student is written to OUT/student (a `livetalk render --checkpoint` folder).
+    """
+    from livetalk_cli.distill.recipe import load_recipe
+    from livetalk_cli.distill.run import run_recipe
+
+    with user_errors():
+        r = load_recipe(recipe, out=out, max_steps=max_steps)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[losses]}"), console=err, transient=True,
+        ) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_progress(name: str, done: int, total: int, values: dict[str, float]) -> None:
+                if name not in tasks:
+                    tasks[name] = progress.add_task(name, total=total, losses="")
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items() if "loss" in k or k in ("l1", "mse"))
+                progress.update(tasks[name], completed=done, total=total, losses=shown)
+
+            ctx = run_recipe(r, stage=stage, on_progress=on_progress)
+        if ctx.ranks.main:
+            err.print(f"distill: finished {stage or ', '.join(r.stages)} in {r.out}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    videos: Annotated[list[Path], typer.Argument(help="MP4 videos with their audio track.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="Reference image for every video. Default: <video stem>.ref.png beside it."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write per-video results and their mean as JSON here.")
+    ] = None,
+) -> None:
+    """Score talking-head VIDEOS against the audio they carry and a reference image.
+
+    \b
+    lip-sync: Pearson correlation of mouth opening (pixels near the mouth-interior colour) with the audio envelope.
+    offset: the frame offset of the best correlation, -8..8; positive = video lags audio.
+    identity: mean of a joint-RGB histogram distance and a 12x12 layout error vs the reference, 0..1.
+    flicker: mean absolute difference between consecutive frames, on 0..255.
+    black: frames with mean intensity < 10; frozen: consecutive frames differing by < 0.25 on average.
+    drift: slope of the per-second identity error, in error units per minute.
+    """
+    from rich import box
+    from rich.table import Table
+
+    from livetalk_cli.world.evaluate import evaluate_files, mean_result
+
+    with user_errors():
+        results = evaluate_files(videos, reference, json_out)
+    table = Table(box=box.SIMPLE_HEAD)
+    for name in ("video", "lip-sync", "offset", "identity", "flicker", "black%", "frozen%", "drift/min"):
+        table.add_column(name, justify="left" if name == "video" else "right", no_wrap=True, min_width=len(name))
+
+    def row(name: str, r: dict[str, float], offset: str) -> list[str]:
+        return [
+            name, f"{r['lip_sync_corr']:.3f}", offset, f"{r['identity_error']:.4f}", f"{r['flicker']:.2f}",
+            f"{100 * r['black_frames']:.1f}", f"{100 * r['frozen_frames']:.1f}", f"{r['drift_per_min']:+.4f}",
+        ]
+
+    for r in results:
+        table.add_row(*row(Path(r["video"]).name, r, f"{r['lip_sync_offset']:+d}"))
+    if len(results) > 1:
+        mean = mean_result(results)
+        table.add_row(*row("mean", mean, f"{mean['lip_sync_offset']:+.1f}"), style="bold")
+    Console().print(table)
+    if json_out is not None:
+        err.print(f"wrote {json_out}", highlight=False)
+
+
 def main() -> None:
     app()
