@@ -246,6 +246,31 @@ def _tiny() -> ModelConfig:
     )
 
 
+def _demo() -> ModelConfig:
+    """The embedded default: trained by `recipes/demo` on the synthetic world (96x96, 16 fps).
+
+    Sized for a 2-core CPU: the VAE decoder (8 channels at full resolution) decodes ~100 frames/s
+    and the DiT step is a few ms per pass, so rendering runs well above real time. The latent
+    mean/std here are placeholders; the trained checkpoint's config carries the measured ones.
+    """
+    audio = AudioConfig(encoder="logmel", n_mels=16, mel_frames_per_video_frame=4, context_s=0.5)
+    return ModelConfig(
+        name="demo",
+        dit=DiTConfig(
+            dim=128, ffn_dim=512, num_heads=4, num_layers=8, in_dim=33, out_dim=16,
+            text_dim=64, text_len=16, freq_dim=64, audio_dim=64, audio_hidden=32,
+        ),
+        vae=VAEConfig(
+            dim=8, z_dim=16, dim_mult=(1, 2, 4, 8), num_res_blocks=1,
+            latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16,
+        ),
+        audio=audio,
+        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=6),
+        text_vocab=1024,
+        height=96, width=96, fps=16,
+    )
+
+
 def _wan_1_3b_dit(**kw: Any) -> DiTConfig:
     base = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16,
                 text_dim=4096, text_len=512)
@@ -263,6 +288,7 @@ _LIVETALK_STREAM = StreamConfig(block_frames=3, num_steps=4, shift=5.0, sink_fra
 
 PRESETS: dict[str, Any] = {
     "tiny": _tiny,
+    "demo": _demo,
     "wan2.1-t2v-1.3b": lambda: ModelConfig(
         name="wan2.1-t2v-1.3b", dit=_wan_1_3b_dit(), vae=VAEConfig(),
         text_encoder="umt5", height=480, width=832, fps=16,

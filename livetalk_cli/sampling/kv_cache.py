@@ -137,9 +137,18 @@ class BlockKVCache:
 
         q, k, v: (B, bf*S, H, D), k after RMSNorm and before RoPE. Returns (B, bf*S, H, D).
         """
-        k_all, v_all = self.k[layer], self.v[layer]
-        k_all[:, self._cur].copy_(k)
-        v_all[:, self._cur].copy_(v)
-        q_cos, q_sin = self.key_cos[self._cur], self.key_sin[self._cur]
-        q = apply_rope(q, q_cos, q_sin)
-        return attention(q, apply_rope(k_all, self.key_cos, self.key_sin), v_all, self.mask)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Training (DMD rollout exit step): the cached K/V are constants and the block's own
+            # K/V are concatenated; the RoPE tables and mask are copied. Autograd then never saves
+            # a tensor that a later refill or commit overwrites in place.
+            past = self._cur.start
+            k_all = torch.cat([self.k[layer][:, :past], k.to(self.k.dtype)], dim=1)
+            v_all = torch.cat([self.v[layer][:, :past], v.to(self.v.dtype)], dim=1)
+            cos, sin, mask = self.key_cos.clone(), self.key_sin.clone(), self.mask.clone()
+        else:
+            k_all, v_all = self.k[layer], self.v[layer]
+            k_all[:, self._cur].copy_(k)
+            v_all[:, self._cur].copy_(v)
+            cos, sin, mask = self.key_cos, self.key_sin, self.mask
+        q = apply_rope(q, cos[self._cur], sin[self._cur])
+        return attention(q, apply_rope(k_all, cos, sin), v_all, mask)

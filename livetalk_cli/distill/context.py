@@ -1,0 +1,158 @@
+"""What every stage gets: the recipe, the ranks, the device, the model config so far, a progress hook.
+
+Stage outputs live under the recipe's `out` folder, one folder per stage:
+
+    vae/vae.safetensors, vae/latent_stats.json     the small causal VAE and its latent mean/std
+    latents/shard_*.safetensors                     world clips encoded by that VAE
+    teacher/dit.safetensors                         the bidirectional teacher
+    trajectories/shard_*.safetensors                teacher ODE trajectories at the student's steps
+    ode_init/dit.safetensors                        the causal student after ODE initialisation
+    dmd/dit.safetensors                             the DMD student (EMA weights when EMA ran)
+    student/                                        a `livetalk render --checkpoint` folder
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from livetalk_cli.config import ModelConfig
+from livetalk_cli.distill.recipe import Recipe
+from livetalk_cli.distill.trainer import Ranks
+from livetalk_cli.errors import UserError
+from livetalk_cli.models.dit import WanDiT
+from livetalk_cli.models.text import BuiltinTextEncoder
+from livetalk_cli.models.vae import WanVAE
+
+ProgressHook = Callable[[str, int, int, dict[str, float]], None]
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    ranks: Ranks
+    on_progress: ProgressHook | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.ranks.device
+
+    @property
+    def out(self) -> Path:
+        return self.recipe.out
+
+    @property
+    def precision(self) -> torch.dtype:
+        return torch.bfloat16 if self.recipe.dtype == "bfloat16" else torch.float32
+
+    @property
+    def latents_dir(self) -> Path:
+        """The encoded training clips: the recipe's own folder, or OUT/latents (world)."""
+        return Path(self.recipe.world.latents) if self.recipe.world.latents else self.out / "latents"
+
+    def progress(self, stage: str, done: int, total: int, values: dict[str, float] | None = None) -> None:
+        if self.on_progress and self.ranks.main:
+            self.on_progress(stage, done, total, values or {})
+
+    # --- the model config as trained so far ----------------------------------------------
+    def model_config(self) -> ModelConfig:
+        """The recipe's model with the latent mean/std the VAE stage measured (if it ran)."""
+        cfg = self.recipe.model
+        stats = self.out / "vae" / "latent_stats.json"
+        if stats.is_file():
+            s = json.loads(stats.read_text())
+            cfg = cfg.replace(vae=dataclasses.replace(cfg.vae, latent_mean=tuple(s["mean"]),
+                                                      latent_std=tuple(s["std"])))
+        return cfg
+
+    def text_encoder(self) -> BuiltinTextEncoder:
+        cfg = self.recipe.model
+        if cfg.text_encoder != "builtin":
+            raise UserError("world stages need the built-in text encoder")
+        return BuiltinTextEncoder(cfg.text_vocab, cfg.dit.text_len, cfg.dit.text_dim,
+                                  seed=self.recipe.seed).to(self.device)
+
+    def load_vae(self) -> WanVAE:
+        vae = WanVAE(self.model_config().vae)
+        vae.load_state_dict(require(self.out / "vae" / "vae.safetensors", "the vae stage"))
+        return vae.to(self.device).eval().requires_grad_(False)
+
+    def new_dit(self, seed_offset: int = 0) -> WanDiT:
+        torch.manual_seed(self.recipe.seed + seed_offset)
+        return WanDiT(self.model_config().dit).to(self.device)
+
+    def load_dit(self, stage: str) -> WanDiT:
+        if stage == "teacher" and self.recipe.teacher.checkpoint:
+            from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_state_dict, to_wan_names
+
+            spec = read_checkpoint_spec(Path(self.recipe.teacher.checkpoint))
+            dit = WanDiT(self.model_config().dit)
+            load_weights(dit, to_wan_names(read_state_dict(spec.files["dit"])), "teacher DiT")
+            return dit.to(self.device)
+        dit = WanDiT(self.model_config().dit)
+        dit.load_state_dict(require(self.out / stage / "dit.safetensors", f"the {stage} stage"))
+        return dit.to(self.device)
+
+
+def require(path: Path, producer: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path} not found: run {producer} first (livetalk distill RECIPE --stage ...)")
+    return load_file(str(path))
+
+
+def save_weights(module: nn.Module, path: Path, ranks: Ranks) -> None:
+    """Final stage weights, atomically, from rank 0."""
+    if not ranks.main:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def stage_done(ctx: StageContext, stage: str) -> bool:
+    marker = ctx.out / stage / "done.json"
+    return marker.is_file()
+
+
+def mark_done(ctx: StageContext, stage: str, info: dict) -> None:
+    if ctx.ranks.main:
+        marker = ctx.out / stage / "done.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(".done.json.tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, marker)
+
+
+def stage_modules(recipe: Recipe, device: torch.device | str = "meta") -> dict[str, dict[str, nn.Module]]:
+    """The modules each stage trains or runs, built (not loaded) on `device` — e.g. `meta` to check
+    that a real-scale recipe fits together without allocating it."""
+    from livetalk_cli.distill.dmd import Rollout
+    from livetalk_cli.distill.flow import FlowModel
+
+    cfg = recipe.model
+    with torch.device(device):
+        def dit() -> WanDiT:
+            return WanDiT(cfg.dit)
+
+        out: dict[str, dict[str, nn.Module]] = {}
+        if "vae" in recipe.stages:
+            out["vae"] = {"vae": WanVAE(cfg.vae)}
+        if "teacher" in recipe.stages:
+            out["teacher"] = {"teacher": FlowModel(dit())}
+        if "trajectories" in recipe.stages:
+            out["trajectories"] = {"teacher": FlowModel(dit())}
+        if "ode_init" in recipe.stages:
+            out["ode_init"] = {"student": FlowModel(dit())}
+        if "dmd" in recipe.stages:
+            out["dmd"] = {"generator": Rollout(FlowModel(dit()), cfg.stream), "critic": FlowModel(dit()),
+                          "real": FlowModel(dit())}
+    return out

@@ -1,0 +1,133 @@
+"""Training data: world clips as tensors, and the encoded latent dataset the DiT stages read.
+
+Every clip starts a stream, so its video frame 0 is the reference image itself (the VAE encodes
+the first frame alone, so latent frame 0 *is* the reference latent the sampler pins). Audio
+features are the model's own encoder over the whole clip (for log-mel identical to the
+block-by-block features at inference), packed per latent frame as at a stream's start.
+
+The latent dataset is written once after the VAE stage, in shards of `SHARD` clips:
+`latents/shard_00000.safetensors` with `latents` (N, C, F, h, w) fp16, `audio` (N, T, A) fp16,
+`index` (N,) clip seeds; `latents/prompts.json` holds the prompts. Shards are resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from livetalk_cli.config import ModelConfig
+from livetalk_cli.models.audio import AudioFeatureEncoder, frame_features, samples_per_frame
+from livetalk_cli.models.vae import WanVAE
+from livetalk_cli.world.clip import WorldClip, WorldConfig, make_clip
+
+log = logging.getLogger(__name__)
+SHARD = 64
+
+
+def world_config(cfg: ModelConfig) -> WorldConfig:
+    return WorldConfig(height=cfg.height, width=cfg.width, fps=cfg.fps, sample_rate=cfg.audio.sample_rate)
+
+
+def world_clip(cfg: ModelConfig, seed: int, num_frames: int) -> WorldClip:
+    """A world clip whose frame 0 is the reference image (the stream-start convention)."""
+    clip = make_clip(seed, num_frames, world_config(cfg))
+    clip.frames[0] = clip.reference
+    return clip
+
+
+def video_tensor(frames: np.ndarray) -> Tensor:
+    """uint8 (T, H, W, 3) → (3, T, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def clip_audio_features(encoder: AudioFeatureEncoder, cfg: ModelConfig, audio: np.ndarray, num_frames: int) -> Tensor:
+    """Per-video-frame features of the whole clip, (T, A) float32."""
+    spf = samples_per_frame(cfg.audio.sample_rate, cfg.fps)
+    return frame_features(encoder, torch.from_numpy(audio), spf, 0, num_frames, 0, 0).float().cpu()
+
+
+@dataclass
+class LatentSet:
+    """The encoded training clips, in memory (small for the world: ~60 MB for 1024 clips)."""
+
+    latents: Tensor  # (N, C, F, h, w) fp16
+    audio: Tensor  # (N, T, A) fp16
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def batch(self, indices: list[int], device: torch.device) -> tuple[Tensor, Tensor, list[str]]:
+        """(latents (B,C,F,h,w) fp32, audio features (B,T,A) fp32, prompts)."""
+        idx = torch.tensor(indices)
+        return (self.latents[idx].float().to(device), self.audio[idx].float().to(device),
+                [self.prompts[i] for i in indices])
+
+
+@torch.no_grad()
+def encode_world(
+    directory: Path,
+    cfg: ModelConfig,
+    vae: WanVAE,
+    encoder: AudioFeatureEncoder,
+    *,
+    num_clips: int,
+    clip_frames: int,
+    rank: int = 0,
+    world: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Encode clip seeds [0, num_clips) into shards (each rank writes its own shards)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = list(range((num_clips + SHARD - 1) // SHARD))
+    device = next(vae.parameters()).device
+    for s in shards[rank::world]:
+        path = directory / f"shard_{s:05d}.safetensors"
+        if path.is_file():
+            if on_progress:
+                on_progress(s, len(shards))
+            continue
+        seeds = list(range(s * SHARD, min((s + 1) * SHARD, num_clips)))
+        lat, aud, prompts = [], [], []
+        for seed in seeds:
+            clip = world_clip(cfg, seed, clip_frames)
+            lat.append(vae.encode(video_tensor(clip.frames)[None].to(device)).float().cpu())
+            aud.append(clip_audio_features(encoder, cfg, clip.audio, clip_frames))
+            prompts.append(clip.prompt)
+        tensors = {
+            "latents": torch.cat(lat).half().contiguous(),
+            "audio": torch.stack(aud).half().contiguous(),
+            "index": torch.tensor(seeds),
+        }
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts)})
+        os.replace(tmp, path)
+        if on_progress:
+            on_progress(s + 1, len(shards))
+
+
+def load_latents(directory: Path, num_clips: int) -> LatentSet:
+    from safetensors import safe_open
+
+    lat, aud, prompts = [], [], []
+    for s in range((num_clips + SHARD - 1) // SHARD):
+        path = directory / f"shard_{s:05d}.safetensors"
+        t = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            prompts += json.loads(f.metadata()["prompts"])
+        lat.append(t["latents"])
+        aud.append(t["audio"])
+    return LatentSet(torch.cat(lat), torch.cat(aud), prompts)
+
+
+def latents_complete(directory: Path, num_clips: int) -> bool:
+    return all((directory / f"shard_{s:05d}.safetensors").is_file() for s in range((num_clips + SHARD - 1) // SHARD))

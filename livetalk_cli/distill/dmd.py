@@ -1,0 +1,203 @@
+"""Stage `dmd`: on-policy distribution matching distillation (Self Forcing / LiveTalk, REFERENCE §5).
+
+Iteration `step`:
+1. Rollout: the student generates `num_blocks` blocks autoregressively with its KV cache, exactly
+   as at inference. One exit step k in {0..K-1}, drawn from the step's shared seed (so every rank
+   and every block uses the same k), ends each block: steps before k run without gradient, step k
+   runs with gradient and its x0 is the block's output; the t = 0 cache refill runs without
+   gradient, so no gradient crosses blocks.
+2. Generator update (after `critic_warmup` critic-only steps, then every `critic_per_gen`-th
+   step): t ~ U[0, 1) shifted by `timestep_shift`, x 1000, clamped to [timestep_min, timestep_max],
+   one t per sample shared by its frames; x_t = (1 - s) x + s eps; real_x0 from the frozen teacher
+   with CFG (`uncond + w (cond - uncond)`, uncond = no text and no audio), fake_x0 from the critic;
+   grad = (fake_x0 - real_x0) / mean|x - real_x0| per sample, nan_to_num;
+   loss = 0.5 * mse(x, (x - grad).detach()) in float64.
+3. Critic update (every step): flow matching on the detached rollout, MSE(v, eps - x) over the
+   generated frames (the reference frame is masked out).
+AdamW betas (0, 0.999), grad clipping, gradient accumulation, and an EMA of the student from
+`ema_start` (the saved student is the EMA once it has started).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from livetalk_cli.config import StreamConfig
+from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
+from livetalk_cli.distill.data import load_latents
+from livetalk_cli.distill.flow import FlowModel, generated_mask, masked_mse, pin_reference
+from livetalk_cli.distill.trainer import (
+    TrainState,
+    accumulate,
+    ema_update,
+    generator,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    run_loop,
+    unwrap,
+    wrap,
+)
+from livetalk_cli.models.dit import Conditioning
+from livetalk_cli.sampling.kv_cache import BlockKVCache
+from livetalk_cli.sampling.schedule import renoise, sampling_sigmas, shift_sigma
+
+
+class Rollout(nn.Module):
+    """The student generating blocks with its KV cache; one forward = one rollout (so DDP sees a
+    single forward per backward however many DiT passes the rollout makes)."""
+
+    def __init__(self, flow: FlowModel, stream: StreamConfig):
+        super().__init__()
+        self.flow = flow
+        self.stream = stream
+        self.register_buffer("sigmas", sampling_sigmas(stream.num_steps, stream.shift).float(), persistent=False)
+
+    def forward(self, noise: Tensor, context: Tensor, audio: Tensor, ref: Tensor, exit_step: int) -> Tensor:
+        """noise: (K, B, C, F, h, w) one draw per step → x (B, C, F, h, w), grad only via exit steps."""
+        dit = self.flow.dit
+        k, b, _, f, h, w = noise.shape
+        bf = self.stream.block_frames
+        _, ph, pw = dit.cfg.patch_size
+        # Training keeps every earlier block (no sinks, no window), as LiveTalk trains.
+        stream = StreamConfig(block_frames=bf, num_steps=k, shift=self.stream.shift, sink_frames=0,
+                              window_frames=f - bf, relative_rope=True)
+        cache = BlockKVCache(dit.cfg, stream, (h // ph, w // pw), batch=b, device=noise.device,
+                             dtype=next(dit.parameters()).dtype)
+        cond = self.flow.conditioning(context, audio, ref, f)
+        pin0 = torch.zeros(1, 1, bf, 1, 1, device=noise.device)
+        pin0[:, :, 0] = 1
+        outputs = []
+        for blk in range(f // bf):
+            fs = slice(blk * bf, (blk + 1) * bf)
+            cb = Conditioning(cond.text_kv, cond.y[:, :, fs], cond.audio[:, :, fs])
+            pin = pin0 if blk == 0 else torch.zeros_like(pin0)
+            x, x0 = noise[0, :, :, fs], None
+            for i in range(exit_step + 1):
+                x = x * (1 - pin) + ref * pin
+                with torch.set_grad_enabled(torch.is_grad_enabled() and i == exit_step):
+                    t = (self.sigmas[i] * 1000).expand(b, bf)
+                    v = dit(x, t, cb, cache)
+                    x0 = (x - self.sigmas[i] * v) * (1 - pin) + ref * pin
+                if i < exit_step:
+                    x = renoise(x0.detach(), noise[i + 1, :, :, fs], self.sigmas[i + 1])
+            assert x0 is not None
+            outputs.append(x0)
+            with torch.no_grad():
+                dit(x0.detach(), torch.zeros(b, bf, device=noise.device), cb, cache)  # refill at t = 0
+            cache.commit()
+        return torch.cat(outputs, dim=2)
+
+
+def dmd_loss(x: Tensor, real: FlowModel, fake: FlowModel, context: Tensor, empty: Tensor, audio: Tensor,
+             ref: Tensor, sigma: Tensor, eps: Tensor, guidance: float, mask: Tensor) -> Tensor:
+    """Distribution matching loss on the student's samples x (B, C, F, h, w); sigma (B,)."""
+    with torch.no_grad():
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = pin_reference((1 - s) * x.detach() + s * eps, ref)
+        t = (sigma * 1000)[:, None].expand(-1, x.shape[2])
+        v_c = real(x_t, t, context, audio, ref)
+        v_u = real(x_t, t, empty.expand_as(context), torch.zeros_like(audio), ref)
+        real_x0 = x_t - s * (v_u + guidance * (v_c - v_u))
+        fake_x0 = x_t - s * fake(x_t, t, context, audio, ref)
+        diff = (x.detach() - real_x0).abs() * mask
+        norm = diff.flatten(1).sum(1) / mask.expand_as(diff).flatten(1).sum(1)
+        grad = torch.nan_to_num((fake_x0 - real_x0) / norm.view(-1, 1, 1, 1, 1))
+    target = (x - grad).detach().double()
+    err = (x.double() - target).square() * mask
+    return 0.5 * (err.flatten(1).sum(1) / mask.expand_as(err).flatten(1).sum(1)).mean()
+
+
+def run_dmd_stage(ctx: StageContext) -> None:
+    r, ranks = ctx.recipe, ctx.ranks
+    st = r.dmd
+    if stage_done(ctx, "dmd"):
+        return
+    data = load_latents(ctx.latents_dir, r.world.train_clips)
+    text = ctx.text_encoder().requires_grad_(False)
+    with torch.no_grad():
+        empty = text([""])
+    real = FlowModel(ctx.load_dit("teacher")).eval().requires_grad_(False)
+    critic_flow = FlowModel(ctx.load_dit("teacher"))
+    critic = wrap(critic_flow, ranks, r.parallel)
+    gen_dit = ctx.load_dit("ode_init")
+    rollout = wrap(Rollout(FlowModel(gen_dit), r.model.stream), ranks, r.parallel)
+    ema = copy.deepcopy(gen_dit).requires_grad_(False)
+    gen_params, critic_params = list(gen_dit.parameters()), list(critic_flow.parameters())
+    gen_opt, critic_opt = make_optimizer(gen_params, st.gen_optim), make_optimizer(critic_params, st.critic_optim)
+    state = TrainState({"generator": rollout, "critic": critic, "ema": ema},
+                       {"generator": (rollout, gen_opt), "critic": (critic, critic_opt)})
+    _, c, _, h, w = data.latents.shape
+    bf, k = r.model.stream.block_frames, r.model.stream.num_steps
+    tf = r.model.vae.temporal_factor
+    f = st.num_blocks * bf
+    mask = generated_mask(f, ctx.device)
+
+    def draws(step: int, chunk: list[int], salt: str) -> dict[str, Tensor]:
+        clips, noise, sig, eps = [], [], [], []
+        for i in chunk:
+            g = generator(r.seed, "dmd", step, i, salt)
+            clips.append(int(torch.randint(len(data), (1,), generator=g)))
+            noise.append(torch.randn((k, c, f, h, w), generator=g))
+            u = shift_sigma(torch.rand((), generator=g), st.timestep_shift) * 1000
+            sig.append(u.clamp(st.timestep_min, st.timestep_max) / 1000)
+            eps.append(torch.randn((c, f, h, w), generator=g))
+        x0, audio, prompts = data.batch(clips, ctx.device)
+        with torch.no_grad():
+            context = text(prompts)
+        return {"noise": torch.stack(noise, 1).to(ctx.device), "ref": x0[:, :, :1],
+                "audio": audio[:, : 1 + tf * (f - 1)], "context": context,
+                "sigma": torch.stack(sig).float().to(ctx.device), "eps": torch.stack(eps).to(ctx.device)}
+
+    def step_fn(step: int) -> dict[str, float]:
+        exit_step = int(torch.randint(k, (1,), generator=generator(r.seed, "dmd", step, -1, "exit")))
+        gen_turn = step >= st.critic_warmup and (step - st.critic_warmup) % st.critic_per_gen == 0
+        indices = ranks.shard(st.batch_size)
+        samples: dict[int, Tensor] = {}
+        logs: dict[str, float] = {"exit_step": float(exit_step)}
+        if gen_turn:
+            def gen_loss(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
+                d = draws(step, chunk, "gen")
+                x = rollout(d["noise"], d["context"], d["audio"], d["ref"], exit_step)
+                samples[chunk[0]] = x.detach()
+                loss = dmd_loss(x, real, critic_flow, d["context"], empty, d["audio"], d["ref"], d["sigma"],
+                                d["eps"], st.guidance, mask)
+                return loss, {"dmd_loss": loss.item()}
+
+            logs.update(accumulate(rollout, indices, st.grad_accum, gen_loss, ctx.precision))
+            lr = lr_at(st.gen_optim, step, st.steps)
+            logs["gen_grad_norm"] = optimizer_step(gen_opt, gen_params, st.gen_optim, lr)
+            logs["gen_lr"] = lr
+            if step >= st.ema_start:
+                ema_update(ema, gen_dit, st.ema_decay if state.extra.get("ema_started") else 0.0)
+                state.extra["ema_started"] = True
+
+        def critic_loss(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
+            d = draws(step, chunk, "gen")
+            x = samples.get(chunk[0])
+            if x is None:
+                with torch.no_grad():
+                    x = rollout(d["noise"], d["context"], d["audio"], d["ref"], exit_step)
+            dc = draws(step, chunk, "critic")
+            s = dc["sigma"].view(-1, 1, 1, 1, 1)
+            x_t = pin_reference((1 - s) * x + s * dc["eps"], d["ref"])
+            v = critic(x_t, (dc["sigma"] * 1000)[:, None].expand(-1, f), d["context"], d["audio"], d["ref"])
+            loss = masked_mse(v, dc["eps"] - x, mask)
+            return loss, {"critic_loss": loss.item()}
+
+        logs.update(accumulate(critic, indices, st.grad_accum, critic_loss, ctx.precision))
+        lr = lr_at(st.critic_optim, step, st.steps)
+        logs["critic_grad_norm"] = optimizer_step(critic_opt, critic_params, st.critic_optim, lr)
+        logs["critic_lr"] = lr
+        return logs
+
+    run_loop(stage="dmd", directory=ctx.out / "dmd", loop=st, state=state, ranks=ranks, step_fn=step_fn,
+             meta={"stage": "dmd"}, samples_per_step=st.batch_size,
+             on_progress=lambda d, t, v: ctx.progress("dmd", d, t, v))
+    used_ema = bool(state.extra.get("ema_started"))
+    save_weights(ema if used_ema else unwrap(rollout).flow.dit, ctx.out / "dmd" / "dit.safetensors", ranks)
+    mark_done(ctx, "dmd", {"steps": st.steps, "ema": used_ema})
+    ranks.barrier()

@@ -1,0 +1,320 @@
+"""Distillation recipes: YAML files validated into typed configs, in this one place.
+
+A recipe names a model (a preset, optionally with overrides), where its data comes from, and the
+stages to run in order. Every stage has its own typed section; unknown keys, wrong types and bad
+values are one clear `UserError` naming the key.
+
+    name: demo
+    model: demo
+    out: runs/demo
+    stages: [vae, teacher, trajectories, ode_init, dmd]
+    teacher: {steps: 3000, batch_size: 8, optim: {lr: 3.0e-4}}
+    ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from livetalk_cli.config import ModelConfig, preset
+from livetalk_cli.errors import UserError
+
+STAGES = ("vae", "teacher", "trajectories", "ode_init", "dmd")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW and its schedule. `aggressive`: lr x `boost` for the first `boost_steps`, then lr
+    (LiveTalk trains DMD at twice Self Forcing's rate inside the short window where it helps)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "aggressive"] = "constant"
+    boost: float = 2.0
+    boost_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine floor
+
+    def validate(self, where: str) -> None:
+        _check(self.lr > 0, f"{where}.lr must be > 0")
+        _check(all(0 <= b < 1 for b in self.betas), f"{where}.betas must be in [0, 1)")
+        _check(self.grad_clip >= 0 and self.weight_decay >= 0, f"{where}: grad_clip, weight_decay >= 0")
+        _check(self.warmup_steps >= 0 and self.boost_steps >= 0, f"{where}: step counts must be >= 0")
+        _check(self.boost > 0 and 0 <= self.min_lr_ratio <= 1, f"{where}: boost > 0, min_lr_ratio in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoopConfig:
+    """What every training stage shares: length, batch, accumulation, checkpoint and log cadence."""
+
+    steps: int = 1000
+    batch_size: int = 8  # global batch per optimiser step (split over ranks and micro-batches)
+    grad_accum: int = 1  # micro-batches per optimiser step on each rank
+    ckpt_every: int = 100
+    log_every: int = 10
+
+    def validate_loop(self, where: str) -> None:
+        _check(self.steps >= 0, f"{where}.steps must be >= 0")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, f"{where}: batch_size, grad_accum >= 1")
+        _check(self.batch_size % self.grad_accum == 0, f"{where}.batch_size must be divisible by grad_accum")
+        _check(self.ckpt_every >= 1 and self.log_every >= 1, f"{where}: ckpt_every, log_every >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorldDataConfig:
+    """Training data from the synthetic world: clip seeds [0, train_clips) for training,
+    [heldout_seed, heldout_seed + n) for evaluation. Frame 0 of every clip is the reference image."""
+
+    train_clips: int = 1024
+    clip_frames: int = 45  # 1 + 4k video frames = 1 + k latent frames
+    heldout_seed: int = 1_000_000
+    latents: str | None = None  # a folder of latent shards (data.py format) instead of world clips
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VAEStage(LoopConfig):
+    clip_frames: int = 17
+    crop: int = 0  # train on random square crops of this size (0 = whole frames); the VAE is convolutional
+    kl_weight: float = 1e-6
+    stats_clips: int = 64  # clips used to measure the latent mean/std after training
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TeacherStage(LoopConfig):
+    """Bidirectional flow-matching teacher. `checkpoint` = use an existing teacher, do not train."""
+
+    checkpoint: str | None = None
+    timestep_shift: float = 5.0
+    drop_text_audio: float = 0.1  # the CFG unconditional branch: text and audio dropped together
+    drop_text: float = 0.05
+    drop_audio: float = 0.05
+    ema_decay: float = 0.995  # the saved teacher is this EMA of the weights; 0 = no EMA
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrajectoryStage:
+    num_samples: int = 256
+    num_steps: int = 48
+    shift: float = 5.0
+    guidance: float = 6.0
+    keep_steps: tuple[int, ...] = (0, 12, 24, 36, 48)
+    shard_size: int = 32
+    batch_size: int = 16
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ODEInitStage(LoopConfig):
+    plateau_window: int = 200  # steps per averaging window
+    plateau_tol: float = 0.02  # relative improvement below which the loss has plateaued
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DMDStage(LoopConfig):
+    num_blocks: int = 4  # blocks per rollout
+    guidance: float = 6.0  # real score CFG, `uncond + w (cond - uncond)`
+    timestep_min: float = 20.0
+    timestep_max: float = 980.0
+    timestep_shift: float = 5.0
+    critic_per_gen: int = 5  # critic updates per generator update
+    critic_warmup: int = 20  # critic-only steps before the first generator update
+    ema_decay: float = 0.99
+    ema_start: int = 200
+    gen_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-6, betas=(0.0, 0.999), grad_clip=10.0))
+    critic_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=8e-7, betas=(0.0, 0.999), grad_clip=10.0)
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recipe:
+    name: str
+    model: ModelConfig
+    out: Path
+    stages: tuple[str, ...] = STAGES
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # how models are wrapped under torchrun
+    world: WorldDataConfig = field(default_factory=WorldDataConfig)
+    vae: VAEStage = field(default_factory=VAEStage)
+    teacher: TeacherStage = field(default_factory=TeacherStage)
+    trajectories: TrajectoryStage = field(default_factory=TrajectoryStage)
+    ode_init: ODEInitStage = field(default_factory=ODEInitStage)
+    dmd: DMDStage = field(default_factory=DMDStage)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+
+def load_recipe(path: Path, *, out: Path | None = None, max_steps: int | None = None) -> Recipe:
+    """Read and validate a recipe; `out` and `max_steps` override the file (the CLI's flags)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path}: must be a mapping")
+    recipe = parse_recipe(data)
+    if out is not None:
+        recipe = dataclasses.replace(recipe, out=Path(out))
+    if max_steps is not None:
+        _check(max_steps >= 0, "--max-steps must be >= 0")
+        changes = {s: dataclasses.replace(getattr(recipe, s), steps=max_steps)
+                   for s in ("vae", "teacher", "ode_init", "dmd")}
+        recipe = dataclasses.replace(recipe, **changes)
+    return recipe
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate recipe data (a relative `out` is relative to the working directory)."""
+    data = dict(data)
+    model = data.pop("model", None)
+    overrides = data.pop("model_overrides", {})
+    if not isinstance(model, str):
+        raise UserError("recipe: 'model' must be a preset name")
+    cfg = preset(model)
+    if overrides:
+        merged = cfg.to_dict()
+        _deep_update(merged, overrides, "model_overrides")
+        cfg = ModelConfig.from_dict(merged)
+    out = data.pop("out", f"runs/{data.get('name', model)}")
+    recipe: Recipe = _build(Recipe, {**data, "model": cfg, "out": str(out)}, "recipe")
+    _validate(recipe)
+    return recipe
+
+
+def _validate(r: Recipe) -> None:
+    unknown = [s for s in r.stages if s not in STAGES]
+    _check(not unknown, f"recipe.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    for name in ("vae", "teacher", "ode_init", "dmd"):
+        stage = getattr(r, name)
+        stage.validate_loop(name)
+        for f in dataclasses.fields(stage):
+            if isinstance(getattr(stage, f.name), OptimConfig):
+                getattr(stage, f.name).validate(f"{name}.{f.name}")
+    tf = r.model.vae.temporal_factor
+    sf = r.model.vae.spatial_factor
+    _check(r.vae.crop == 0 or (r.vae.crop % sf == 0 and r.vae.crop <= min(r.model.height, r.model.width)),
+           f"vae.crop must be 0 or a multiple of {sf} no larger than the frame")
+    for where, frames in (("world.clip_frames", r.world.clip_frames), ("vae.clip_frames", r.vae.clip_frames)):
+        _check(frames >= 1 + tf and (frames - 1) % tf == 0, f"{where} must be 1 + {tf}k frames (k >= 1)")
+    latents = 1 + (r.world.clip_frames - 1) // tf
+    bf = r.model.stream.block_frames
+    _check(latents % bf == 0, f"world.clip_frames gives {latents} latent frames, not a multiple of block "
+                              f"size {bf}")
+    _check(r.dmd.num_blocks * bf <= latents, f"dmd.num_blocks x {bf} exceeds the clip's {latents} latent frames")
+    t = r.trajectories
+    _check(t.num_steps >= 1 and t.num_samples >= 1 and t.shard_size >= 1 and t.batch_size >= 1,
+           "trajectories: num_steps, num_samples, shard_size, batch_size must be >= 1")
+    _check(all(0 <= s <= t.num_steps for s in t.keep_steps) and t.num_steps in t.keep_steps,
+           "trajectories.keep_steps must lie in [0, num_steps] and include num_steps")
+    student = len(t.keep_steps) - 1
+    _check(student == r.model.stream.num_steps,
+           f"trajectories keeps {student} noisy steps but the student takes {r.model.stream.num_steps}")
+    d = r.dmd
+    _check(0 <= d.timestep_min < d.timestep_max <= 1000, "dmd: 0 <= timestep_min < timestep_max <= 1000")
+    _check(d.critic_per_gen >= 1 and d.critic_warmup >= 0, "dmd: critic_per_gen >= 1, critic_warmup >= 0")
+    _check(0 < d.ema_decay < 1 and d.ema_start >= 0, "dmd: ema_decay in (0, 1), ema_start >= 0")
+    for name in ("drop_text_audio", "drop_text", "drop_audio"):
+        _check(0 <= getattr(r.teacher, name) < 1, f"teacher.{name} must be in [0, 1)")
+    _check(0 <= r.teacher.ema_decay < 1, "teacher.ema_decay must be in [0, 1)")
+    _check(r.world.train_clips >= 1, "world.train_clips must be >= 1")
+
+
+# --- typed building from plain YAML data --------------------------------------------------
+
+
+def _build(kind: type, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(value) and type(value) is kind:
+        return value
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    hints = typing.get_type_hints(kind)
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+    try:
+        return kind(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], v, where)
+    if origin is Literal:
+        if v not in args:
+            raise UserError(f"{where} must be one of {', '.join(map(str, args))}; got {v!r}")
+        return v
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise UserError(f"{where} must be a list")
+        item = args[0]
+        if len(args) == 2 and args[1] is not Ellipsis or len(args) > 2:
+            if len(v) != len(args):
+                raise UserError(f"{where} must have {len(args)} items")
+            return tuple(_coerce(a, x, where) for a, x in zip(args, v, strict=True))
+        return tuple(_coerce(item, x, where) for x in v)
+    if tp is Path:
+        return Path(_coerce(str, v, where))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if tp is float and isinstance(v, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(v) is tp:
+        return v
+    if tp is ModelConfig and isinstance(v, ModelConfig):
+        return v
+    raise UserError(f"{where} must be {getattr(tp, '__name__', tp)}; got {v!r}")
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    if not isinstance(new, dict):
+        raise UserError(f"{where} must be a mapping")
+    for k, v in new.items():
+        if k not in base:
+            raise UserError(f"{where}: unknown key {k!r}")
+        if isinstance(base[k], dict):
+            _deep_update(base[k], v, f"{where}.{k}")
+        else:
+            base[k] = v
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"recipe: {message}")
+
+
+def recipe_dict(r: Recipe) -> dict[str, Any]:
+    """JSON-ready view of a recipe (stored beside checkpoints)."""
+    d = dataclasses.asdict(r)
+    d["out"] = str(r.out)
+    return d

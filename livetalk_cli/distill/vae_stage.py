@@ -1,0 +1,132 @@
+"""Stage `vae`: the small causal VAE on world clips, then its latent mean/std, then the latent set.
+
+Loss per clip: L1 + MSE of the reconstruction (pixels in [-1, 1]) + `kl_weight` x KL of the
+posterior N(mu, exp(logvar)) against N(0, I). Whole clips go through the causal encoder and
+decoder in one call (the same frames as streaming, tested in test_vae). After training, the
+per-channel mean and std of mu over `stats_clips` clips become the latent normalisation, so the
+DiT sees unit-variance latents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
+from livetalk_cli.distill.data import encode_world, latents_complete, video_tensor, world_clip
+from livetalk_cli.distill.trainer import (
+    TrainState,
+    accumulate,
+    generator,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    run_loop,
+    wrap,
+)
+from livetalk_cli.models.audio import build_audio_encoder
+from livetalk_cli.models.vae import WanVAE
+
+log = logging.getLogger(__name__)
+
+
+class VAEAutoencoder(nn.Module):
+    """Training view of `WanVAE`: video → (reconstruction, mu, logvar), unclamped."""
+
+    def __init__(self, vae: WanVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z2 = self.vae.conv1(self.vae.encoder(video, None), None)
+        mu, logvar = z2.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mu + (0.5 * logvar).exp() * eps
+        return self.vae.decoder(self.vae.conv2(z, None), None), mu, logvar
+
+
+def vae_loss(model: nn.Module, video: Tensor, eps: Tensor, kl_weight: float) -> tuple[Tensor, dict[str, float]]:
+    recon, mu, logvar = model(video, eps)
+    l1 = (recon - video).abs().mean()
+    mse = (recon - video).square().mean()
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).mean()
+    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+
+def run_vae_stage(ctx: StageContext) -> None:
+    r, ranks = ctx.recipe, ctx.ranks
+    st, directory = r.vae, ctx.out / "vae"
+    cfg = r.model
+    if not stage_done(ctx, "vae"):
+        torch.manual_seed(r.seed)
+        vae = WanVAE(cfg.vae).to(ctx.device)
+        model = wrap(VAEAutoencoder(vae), ranks, r.parallel)
+        opt = make_optimizer(vae.parameters(), st.optim)
+        params = list(vae.parameters())
+        state = TrainState({"vae": model}, {"vae": (model, opt)})
+        tf, sf = cfg.vae.temporal_factor, cfg.vae.spatial_factor
+        ch, cw = (st.crop, st.crop) if st.crop else (cfg.height, cfg.width)
+        lat_shape = (cfg.vae.z_dim, 1 + (st.clip_frames - 1) // tf, ch // sf, cw // sf)
+
+        def step_fn(step: int) -> dict[str, float]:
+            lr = lr_at(st.optim, step, st.steps)
+
+            def loss_fn(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
+                videos, eps = [], []
+                for i in chunk:
+                    g = generator(r.seed, "vae", step, i)
+                    seed = int(torch.randint(r.world.train_clips, (1,), generator=g))
+                    frames = world_clip(cfg, seed, st.clip_frames).frames
+                    y0 = int(torch.randint(cfg.height - ch + 1, (1,), generator=g))
+                    x0 = int(torch.randint(cfg.width - cw + 1, (1,), generator=g))
+                    videos.append(video_tensor(frames[:, y0: y0 + ch, x0: x0 + cw]))
+                    eps.append(torch.randn(lat_shape, generator=g))
+                return vae_loss(model, torch.stack(videos).to(ctx.device), torch.stack(eps).to(ctx.device),
+                                st.kl_weight)
+
+            logs = accumulate(model, ranks.shard(st.batch_size), st.grad_accum, loss_fn, ctx.precision)
+            logs["grad_norm"] = optimizer_step(opt, params, st.optim, lr)
+            logs["lr"] = lr
+            return logs
+
+        run_loop(stage="vae", directory=directory, loop=st, state=state, ranks=ranks, step_fn=step_fn,
+                 meta={"stage": "vae"}, samples_per_step=st.batch_size,
+                 on_progress=lambda d, t, v: ctx.progress("vae", d, t, v))
+        stats = latent_stats(vae.eval(), ctx, st.stats_clips)
+        save_weights(vae, directory / "vae.safetensors", ranks)
+        if ranks.main:
+            (directory / "latent_stats.json").write_text(json.dumps(stats, indent=1))
+        mark_done(ctx, "vae", {"steps": st.steps})
+        ranks.barrier()
+    build_latent_set(ctx)
+
+
+@torch.no_grad()
+def latent_stats(vae: WanVAE, ctx: StageContext, num_clips: int) -> dict[str, list[float]]:
+    """Per-channel mean/std of the posterior mean over world clips (held-out seeds)."""
+    cfg = ctx.recipe.model
+    mus = []
+    for k in range(num_clips):
+        clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 500_000 + k, ctx.recipe.vae.clip_frames)
+        video = video_tensor(clip.frames)[None].to(ctx.device)
+        mus.append(vae.conv1(vae.encoder(video, None), None)[:, : cfg.vae.z_dim].float().cpu())
+    mu = torch.cat(mus, dim=0).transpose(0, 1).flatten(1)  # (z, N*F*h*w)
+    return {"mean": mu.mean(1).tolist(), "std": mu.std(1).clamp_min(1e-3).tolist()}
+
+
+def build_latent_set(ctx: StageContext) -> None:
+    """Encode the training clips with the trained VAE (resumable by shard)."""
+    r = ctx.recipe
+    directory = ctx.latents_dir
+    if latents_complete(directory, r.world.train_clips):
+        return
+    cfg = ctx.model_config()
+    vae = ctx.load_vae()
+    encoder = build_audio_encoder(cfg, model_dir=None, random_weights=False, device="cpu")
+    encode_world(directory, cfg, vae, encoder, num_clips=r.world.train_clips, clip_frames=r.world.clip_frames,
+                 rank=ctx.ranks.rank, world=ctx.ranks.world,
+                 on_progress=lambda d, t: ctx.progress("latents", d, t))
+    ctx.ranks.barrier()
