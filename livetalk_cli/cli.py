@@ -150,6 +150,13 @@ def distill(
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override every training stage's step count.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (overrides the recipe's `out`).")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="After the stages, evaluate every model of the run on held-out world clips and "
+                          "write report.md + report.json to this folder."),
+    ] = None,
+    report_clips: Annotated[int, typer.Option(help="Held-out clips in the report.")] = 64,
+    report_stream_s: Annotated[float, typer.Option(help="Length of the sinks/no-sinks streams (0 = skip).")] = 60.0,
 ) -> None:
     """Distil a many-step bidirectional teacher into a causal 4-step student (run a RECIPE's stages).
 
@@ -175,8 +182,14 @@ def distill(
                 progress.update(tasks[name], completed=done, total=total, losses=shown)
 
             ctx = run_recipe(r, stage=stage, on_progress=on_progress)
+            if report is not None and ctx.ranks.main:
+                from livetalk_cli.distill.report import build_report
+
+                build_report(ctx, report, clips=report_clips, stream_seconds=report_stream_s)
         if ctx.ranks.main:
             err.print(f"distill: finished {stage or ', '.join(r.stages)} in {r.out}", highlight=False)
+            if report is not None:
+                err.print(f"report: {report / 'report.md'}", highlight=False)
 
 
 @app.command("eval")

@@ -1,0 +1,97 @@
+"""DMD pieces: the training rollout is the inference sampler; gradients stop where they should;
+the DMD loss has the gradient REFERENCE §5 prescribes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from livetalk_cli.distill.dmd import Rollout, dmd_loss
+from livetalk_cli.distill.flow import FlowModel, generated_mask, pin_reference
+from livetalk_cli.models.dit import pack_audio_frames
+from livetalk_cli.sampling.block_sampler import BlockSampler
+from tests.helpers import tiny_cfg, tiny_dit
+
+NB = 2  # blocks per rollout
+
+
+def _setup(seed: int = 0):
+    cfg = tiny_cfg(sink_frames=0, window_frames=3 * (NB - 1))
+    dit = tiny_dit(cfg, seed)
+    torch.manual_seed(seed + 1)
+    bf, k = cfg.stream.block_frames, cfg.stream.num_steps
+    f = NB * bf
+    h, w = cfg.latent_hw
+    c = cfg.dit.out_dim
+    noise = torch.randn(k, 2, c, f, h, w)
+    context = torch.randn(2, cfg.dit.text_len, cfg.dit.text_dim)
+    audio = torch.randn(2, 1 + 4 * (f - 1), cfg.dit.audio_dim)
+    ref = torch.randn(2, c, 1, h, w)
+    return cfg, dit, noise, context, audio, ref
+
+
+@torch.no_grad()
+def test_rollout_with_last_exit_equals_inference_sampler():
+    cfg, dit, noise, context, audio, ref = _setup()
+    k, bf = cfg.stream.num_steps, cfg.stream.block_frames
+    x = Rollout(FlowModel(dit), cfg.stream)(noise, context, audio, ref, exit_step=k - 1)
+
+    sampler = BlockSampler(dit, cfg, batch=2)
+    sampler.start(dit.prepare_text(context), ref)
+    proj = dit.prepare_audio(pack_audio_frames(audio, stream_start=True))
+    blocks = [sampler.denoise_block(noise[:, :, :, b * bf:(b + 1) * bf], proj[:, :, b * bf:(b + 1) * bf])
+              for b in range(NB)]
+    torch.testing.assert_close(x, torch.cat(blocks, dim=2), atol=2e-5, rtol=1e-5)
+    assert torch.equal(x[:, :, :1], ref)  # the reference latent is pinned
+
+
+@pytest.mark.parametrize("exit_step", [0, 2])
+def test_rollout_gradient_stays_inside_its_block_and_exit_step(exit_step):
+    cfg, dit, noise, context, audio, ref = _setup()
+    dit.train()
+    bf = cfg.stream.block_frames
+    noise.requires_grad_(True)
+    x = Rollout(FlowModel(dit), cfg.stream)(noise, context, audio, ref, exit_step=exit_step)
+    x[:, :, bf:].square().sum().backward()  # a loss on block 1 only
+    g = noise.grad
+    assert g[:, :, :, :bf].abs().max() == 0  # block 0 reaches block 1 only through the no-grad refill
+    assert g[exit_step, :, :, bf:].abs().max() > 0  # the exit step's noise carries gradient
+    others = [i for i in range(cfg.stream.num_steps) if i != exit_step]
+    assert g[others][:, :, :, bf:].abs().max() == 0  # earlier steps ran without gradient
+    assert all(p.grad is not None for p in dit.blocks.parameters())
+
+
+def test_dmd_loss_gradient_is_the_normalised_score_difference():
+    cfg, dit, noise, context, audio, ref = _setup()
+    real = FlowModel(dit).eval()
+    fake = FlowModel(copy.deepcopy(dit)).eval()
+    with torch.no_grad():
+        for p in fake.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    f = noise.shape[3]
+    x = pin_reference(torch.randn_like(noise[0]), ref).requires_grad_(True)
+    empty = torch.zeros(1, cfg.dit.text_len, cfg.dit.text_dim)
+    sigma, eps, mask = torch.tensor([0.3, 0.8]), torch.randn_like(x), generated_mask(f, x.device)
+    loss = dmd_loss(x, real, fake, context, empty, audio, ref, sigma, eps, 3.0, mask)
+    loss.backward()
+
+    with torch.no_grad():  # the same quantities, computed directly
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = pin_reference((1 - s) * x + s * eps, ref)
+        t = (sigma * 1000)[:, None].expand(-1, f)
+        v_c, v_u = real(x_t, t, context, audio, ref), real(x_t, t, empty.expand_as(context), 0 * audio, ref)
+        real_x0 = x_t - s * (v_u + 3.0 * (v_c - v_u))
+        fake_x0 = x_t - s * fake(x_t, t, context, audio, ref)
+        count = mask.expand_as(x).flatten(1).sum(1)  # generated elements per sample
+        norm = ((x - real_x0).abs() * mask).flatten(1).sum(1) / count
+        grad = (fake_x0 - real_x0) / norm.view(-1, 1, 1, 1, 1)
+        expected = grad * mask / (count.view(-1, 1, 1, 1, 1) * x.shape[0])
+    torch.testing.assert_close(x.grad, expected, atol=1e-7, rtol=1e-4)
+    assert loss.dtype == torch.float64
+
+    # The critic agreeing with the teacher (no CFG) is a fixed point: no gradient at all.
+    x.grad = None
+    dmd_loss(x, real, real, context, empty, audio, ref, sigma, eps, 1.0, mask).backward()
+    assert x.grad.abs().max() < 1e-6
