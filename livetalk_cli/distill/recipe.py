@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from livetalk_cli.config import ModelConfig, preset
 from livetalk_cli.errors import UserError
+from livetalk_cli.sampling.schedule import sampling_sigmas
 
 STAGES = ("vae", "teacher", "trajectories", "ode_init", "dmd")
 
@@ -202,7 +204,7 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
 
 def _validate(r: Recipe) -> None:
     unknown = [s for s in r.stages if s not in STAGES]
-    _check(not unknown, f"recipe.stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    _check(not unknown, f"stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
     for name in ("vae", "teacher", "ode_init", "dmd"):
         stage = getattr(r, name)
         stage.validate_loop(name)
@@ -227,8 +229,15 @@ def _validate(r: Recipe) -> None:
            "trajectories.keep_steps must lie in [0, num_steps] and include num_steps")
     student = len(t.keep_steps) - 1
     _check(student == r.model.stream.num_steps,
-           f"trajectories keeps {student} noisy steps but the student takes {r.model.stream.num_steps}")
+           f"trajectories.keep_steps keeps {student} noisy steps but the student takes {r.model.stream.num_steps}")
+    kept = sampling_sigmas(t.num_steps, t.shift)[list(t.keep_steps[:-1])]
+    wanted = sampling_sigmas(r.model.stream.num_steps, r.model.stream.shift)
+    _check(bool(torch.allclose(kept, wanted, atol=1e-6)),
+           "trajectories.keep_steps (with trajectories.num_steps/shift) must sit at the student's timesteps "
+           f"{[round(float(s) * 1000, 1) for s in wanted]}")
+    _check(t.num_samples <= r.world.train_clips, "trajectories.num_samples must be <= world.train_clips")
     d = r.dmd
+    _check(d.num_blocks >= 1, "dmd.num_blocks must be >= 1")
     _check(0 <= d.timestep_min < d.timestep_max <= 1000, "dmd: 0 <= timestep_min < timestep_max <= 1000")
     _check(d.critic_per_gen >= 1 and d.critic_warmup >= 0, "dmd: critic_per_gen >= 1, critic_warmup >= 0")
     _check(0 < d.ema_decay < 1 and d.ema_start >= 0, "dmd: ema_decay in (0, 1), ema_start >= 0")

@@ -180,9 +180,10 @@ def _optim_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if dist.is_initialized() else None
     sd = get_optimizer_state_dict(model, opt, options=opts)
+    # Under torchrun the full state dict lives on rank 0 only; other ranks get {} (and do not write).
     tensors = {f"{fqn}::{k}": v.detach().contiguous().cpu()
-               for fqn, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
+               for fqn, st in sd.get("state", {}).items() for k, v in st.items()}
+    return tensors, sd.get("param_groups", [])
 
 
 @dataclass
