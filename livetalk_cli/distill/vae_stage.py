@@ -4,7 +4,8 @@ Loss per clip: L1 + MSE of the reconstruction (pixels in [-1, 1]) + `kl_weight` 
 posterior N(mu, exp(logvar)) against N(0, I). Whole clips go through the causal encoder and
 decoder in one call (the same frames as streaming, tested in test_vae). After training, the
 per-channel mean and std of mu over `stats_clips` clips become the latent normalisation, so the
-DiT sees unit-variance latents.
+DiT sees unit-variance latents. The posterior log-variance starts at LOGVAR_INIT: with unit noise on
+near-zero initial means the decoder would first learn only the mean picture.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from livetalk_cli.models.audio import build_audio_encoder
 from livetalk_cli.models.vae import WanVAE
 
 log = logging.getLogger(__name__)
+LOGVAR_INIT = -6.0
 
 
 class VAEAutoencoder(nn.Module):
@@ -63,6 +65,8 @@ def run_vae_stage(ctx: StageContext) -> None:
     if not stage_done(ctx, "vae"):
         torch.manual_seed(r.seed)
         vae = WanVAE(cfg.vae).to(ctx.device)
+        with torch.no_grad():  # posterior std starts at exp(-3) ~ 0.05: the decoder sees the signal from step 0
+            vae.conv1.bias[cfg.vae.z_dim:].fill_(LOGVAR_INIT)
         model = wrap(VAEAutoencoder(vae), ranks, r.parallel)
         opt = make_optimizer(vae.parameters(), st.optim)
         params = list(vae.parameters())
