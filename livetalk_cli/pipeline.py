@@ -110,7 +110,7 @@ def _checkpoint_model(root: Path, preset_name: str | None, dev: torch.device, dt
             raise UserError(f"{root}: files.text_encoder is required for the built-in text encoder")
         enc = BuiltinTextEncoder(cfg.text_vocab, cfg.dit.text_len, cfg.dit.text_dim)
         load_weights(enc, read_state_dict(files["text_encoder"]), f"text encoder {files['text_encoder']}")
-        text = enc.to(dev)
+        text = enc.to(dev, torch.float32)  # the embedded default ships fp16 weights
     else:
         text = build_text_encoder(cfg, source=files["text_encoder"], random_weights=False, device=dev)
     audio = build_audio_encoder(cfg, model_dir=files["audio_encoder"], random_weights=False, device=dev)

@@ -479,3 +479,49 @@ def test_accumulate_equals_one_big_batch():
     for g, log in zip(grads[1:], logs[1:], strict=True):
         assert torch.allclose(g, grads[0], atol=1e-6)
         assert log["loss"] == pytest.approx(logs[0]["loss"], rel=1e-6)
+
+
+# --- 7. shipping the student and the report ------------------------------------------------
+
+
+def test_ship_student_as_embedded_default(tiny_run, tmp_path, monkeypatch):
+    from livetalk_cli import pipeline
+    from livetalk_cli.distill.ship import ship
+    from livetalk_cli.sampling.stream import AvatarStream
+
+    _, out = tiny_run
+    dest = tmp_path / "assets" / "demo"
+    size = ship(out / "student", dest)
+    assert size == sum(p.stat().st_size for p in dest.iterdir()) and size < 20 * 2**20
+    assert all(v.dtype in (torch.float16, torch.int64) for v in load_file(str(dest / "dit.safetensors")).values())
+
+    monkeypatch.setattr(pipeline, "EMBEDDED_DEFAULT", dest)
+    shipped = pipeline.load_model(device="cpu", dtype="float32")  # no checkpoint: the embedded default
+    assert shipped.source == str(dest)
+    full = pipeline.load_model(checkpoint=out / "student", device="cpu", dtype="float32")
+    frames = []
+    for model in (shipped, full):
+        stream = AvatarStream(model)
+        cfg = model.cfg
+        stream.start(torch.zeros(3, cfg.height, cfg.width), "a person talking", seed=3)
+        frames.append(stream.next_block(torch.randn(cfg.audio.sample_rate)))
+    assert (frames[0] - frames[1]).abs().max() < 0.05  # fp16 weights, fp32 compute
+
+
+def test_report_on_a_run(tiny_run, tmp_path):
+    from livetalk_cli.distill.context import StageContext
+    from livetalk_cli.distill.report import build_report
+    from livetalk_cli.distill.trainer import Ranks
+
+    recipe_path, out = tiny_run
+    ctx = StageContext(load_recipe(recipe_path, out=out), Ranks(0, 1, torch.device("cpu")))
+    rep = build_report(ctx, tmp_path / "report", clips=2, stream_seconds=2.0, identities=1, speed_seconds=1.0)
+    assert set(rep["models"]) == {"ground_truth", "teacher", "ode_init", "dmd"}
+    assert rep["models"]["ground_truth"]["lip_sync_corr"]["mean"] > 0.5  # the world's own clips
+    assert rep["models"]["ground_truth"]["lip_sync_corr"]["n"] == 2
+    fl = rep["flops"]
+    assert fl["teacher_dit_per_frame"] > 0 and fl["student_dit_per_frame"] > 0 and fl["vae_decode_per_frame"] > 0
+    assert set(rep["sinks"]) == {"with_sinks", "no_sinks"} and rep["render_speed"]["realtime_factor"] > 0
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["clips"] == 2
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| teacher |" in md and "## Targets" in md
