@@ -31,13 +31,11 @@ from livetalk_cli.distill.data import load_latents
 from livetalk_cli.distill.flow import FlowModel, generated_mask, masked_mse, pin_reference
 from livetalk_cli.distill.trainer import (
     TrainState,
-    accumulate,
     ema_update,
     generator,
-    lr_at,
     make_optimizer,
-    optimizer_step,
     run_loop,
+    train_step,
     unwrap,
     wrap,
 )
@@ -155,7 +153,6 @@ def run_dmd_stage(ctx: StageContext) -> None:
     def step_fn(step: int) -> dict[str, float]:
         exit_step = int(torch.randint(k, (1,), generator=generator(r.seed, "dmd", step, -1, "exit")))
         gen_turn = step >= st.critic_warmup and (step - st.critic_warmup) % st.critic_per_gen == 0
-        indices = ranks.shard(st.batch_size)
         samples: dict[int, Tensor] = {}
         logs: dict[str, float] = {"exit_step": float(exit_step)}
         if gen_turn:
@@ -167,10 +164,8 @@ def run_dmd_stage(ctx: StageContext) -> None:
                                 d["eps"], st.guidance, mask)
                 return loss, {"dmd_loss": loss.item()}
 
-            logs.update(accumulate(rollout, indices, st.grad_accum, gen_loss, ctx.precision))
-            lr = lr_at(st.gen_optim, step, st.steps)
-            logs["gen_grad_norm"] = optimizer_step(gen_opt, gen_params, st.gen_optim, lr)
-            logs["gen_lr"] = lr
+            logs.update(train_step(rollout, gen_opt, gen_params, st.gen_optim, st, step, ranks, gen_loss,
+                                   ctx.precision, prefix="gen_"))
             if step >= st.ema_start:
                 ema_update(ema, gen_dit, st.ema_decay if state.extra.get("ema_started") else 0.0)
                 state.extra["ema_started"] = True
@@ -188,10 +183,8 @@ def run_dmd_stage(ctx: StageContext) -> None:
             loss = masked_mse(v, dc["eps"] - x, mask)
             return loss, {"critic_loss": loss.item()}
 
-        logs.update(accumulate(critic, indices, st.grad_accum, critic_loss, ctx.precision))
-        lr = lr_at(st.critic_optim, step, st.steps)
-        logs["critic_grad_norm"] = optimizer_step(critic_opt, critic_params, st.critic_optim, lr)
-        logs["critic_lr"] = lr
+        logs.update(train_step(critic, critic_opt, critic_params, st.critic_optim, st, step, ranks, critic_loss,
+                               ctx.precision, prefix="critic_"))
         return logs
 
     run_loop(stage="dmd", directory=ctx.out / "dmd", loop=st, state=state, ranks=ranks, step_fn=step_fn,

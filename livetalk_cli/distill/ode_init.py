@@ -22,12 +22,10 @@ from livetalk_cli.distill.data import load_latents
 from livetalk_cli.distill.flow import FlowModel, generated_mask, masked_mse, pin_reference
 from livetalk_cli.distill.trainer import (
     TrainState,
-    accumulate,
     generator,
-    lr_at,
     make_optimizer,
-    optimizer_step,
     run_loop,
+    train_step,
     wrap,
 )
 from livetalk_cli.distill.trajectories import load_trajectories
@@ -71,8 +69,6 @@ def run_ode_init_stage(ctx: StageContext) -> None:
     mask = generated_mask(f, ctx.device)
 
     def step_fn(step: int) -> dict[str, float]:
-        lr = lr_at(st.optim, step, st.steps)
-
         def loss_fn(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
             xs, sigmas, clean, clips = [], [], [], []
             for i in chunk:
@@ -96,9 +92,7 @@ def run_ode_init_stage(ctx: StageContext) -> None:
             loss = masked_mse(x0, target, mask)
             return loss, {"loss": loss.item()}
 
-        logs = accumulate(model, ranks.shard(st.batch_size), st.grad_accum, loss_fn, ctx.precision)
-        logs["grad_norm"] = optimizer_step(opt, params, st.optim, lr)
-        logs["lr"] = lr
+        logs = train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
         mean_loss = ranks.mean({"loss": logs["loss"]})["loss"]
         plateau_update(state.extra, step, mean_loss, st.plateau_window, st.plateau_tol)
         return logs

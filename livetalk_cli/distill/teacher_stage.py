@@ -19,13 +19,11 @@ from livetalk_cli.distill.data import load_latents
 from livetalk_cli.distill.flow import FlowModel, drop_conditions, generated_mask, masked_mse, pin_reference
 from livetalk_cli.distill.trainer import (
     TrainState,
-    accumulate,
     ema_update,
     generator,
-    lr_at,
     make_optimizer,
-    optimizer_step,
     run_loop,
+    train_step,
     wrap,
 )
 from livetalk_cli.sampling.schedule import shift_sigma
@@ -54,8 +52,6 @@ def run_teacher_stage(ctx: StageContext) -> None:
     mask = generated_mask(f, ctx.device)
 
     def step_fn(step: int) -> dict[str, float]:
-        lr = lr_at(st.optim, step, st.steps)
-
         def loss_fn(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
             clips, sig, eps, drops = [], [], [], []
             for i in chunk:
@@ -80,9 +76,7 @@ def run_teacher_stage(ctx: StageContext) -> None:
             loss = masked_mse(v, noise - x0, mask)
             return loss, {"loss": loss.item()}
 
-        logs = accumulate(model, ctx.ranks.shard(st.batch_size), st.grad_accum, loss_fn, ctx.precision)
-        logs["grad_norm"] = optimizer_step(opt, params, st.optim, lr)
-        logs["lr"] = lr
+        logs = train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
         if ema is not None:
             ema_update(ema, dit, st.ema_decay)
         return logs

@@ -361,6 +361,27 @@ def accumulate(
     return logs
 
 
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    optim: OptimConfig,
+    loop: LoopConfig,
+    step: int,
+    ranks: Ranks,
+    loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]],
+    precision: torch.dtype = torch.float32,
+    prefix: str = "",
+) -> dict[str, float]:
+    """One optimiser step over the global batch: accumulate this rank's share, clip, step.
+    Returns the loss logs plus `<prefix>grad_norm` and `<prefix>lr`."""
+    logs = accumulate(model, ranks.shard(loop.batch_size), loop.grad_accum, loss_fn, precision)
+    lr = lr_at(optim, step, loop.steps)
+    logs[f"{prefix}grad_norm"] = optimizer_step(opt, params, optim, lr)
+    logs[f"{prefix}lr"] = lr
+    return logs
+
+
 def mixed_precision(model: nn.Module, precision: torch.dtype) -> torch.autocast:
     device = next(unwrap(model).parameters()).device.type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == torch.bfloat16)

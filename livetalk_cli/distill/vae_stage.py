@@ -20,12 +20,10 @@ from livetalk_cli.distill.context import StageContext, mark_done, save_weights, 
 from livetalk_cli.distill.data import encode_world, latents_complete, video_tensor, world_clip
 from livetalk_cli.distill.trainer import (
     TrainState,
-    accumulate,
     generator,
-    lr_at,
     make_optimizer,
-    optimizer_step,
     run_loop,
+    train_step,
     wrap,
 )
 from livetalk_cli.models.audio import build_audio_encoder
@@ -76,8 +74,6 @@ def run_vae_stage(ctx: StageContext) -> None:
         lat_shape = (cfg.vae.z_dim, 1 + (st.clip_frames - 1) // tf, ch // sf, cw // sf)
 
         def step_fn(step: int) -> dict[str, float]:
-            lr = lr_at(st.optim, step, st.steps)
-
             def loss_fn(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
                 videos, eps = [], []
                 for i in chunk:
@@ -91,10 +87,7 @@ def run_vae_stage(ctx: StageContext) -> None:
                 return vae_loss(model, torch.stack(videos).to(ctx.device), torch.stack(eps).to(ctx.device),
                                 st.kl_weight)
 
-            logs = accumulate(model, ranks.shard(st.batch_size), st.grad_accum, loss_fn, ctx.precision)
-            logs["grad_norm"] = optimizer_step(opt, params, st.optim, lr)
-            logs["lr"] = lr
-            return logs
+            return train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
 
         run_loop(stage="vae", directory=directory, loop=st, state=state, ranks=ranks, step_fn=step_fn,
                  meta={"stage": "vae"}, samples_per_step=st.batch_size,
