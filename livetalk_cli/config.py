@@ -265,7 +265,7 @@ def _demo() -> ModelConfig:
             latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16,
         ),
         audio=audio,
-        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=6),
+        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=3),
         text_vocab=1024,
         height=96, width=96, fps=16,
     )

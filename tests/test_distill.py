@@ -359,9 +359,11 @@ def assert_logs_match(one: list[dict], two: list[dict]) -> None:
                 assert abs(r2[k] - v) <= 1e-5 * abs(v), (r1["step"], k, v, r2[k])
 
 
-def test_two_process_teacher_matches_one_process(tiny_run, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_teacher_matches_one_process(tiny_run, tmp_path, parallel):
     _, src = tiny_run
     path = write_recipe(tmp_path / "r.yaml", teacher={"steps": 3, "batch_size": 2, "log_every": 1})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "parallel": parallel}))
     one = seed_run_folder(src, tmp_path / "one", "vae", "latents")
     two = seed_run_folder(src, tmp_path / "two", "vae", "latents")
     run_recipe(load_recipe(path, out=one), stage="teacher")

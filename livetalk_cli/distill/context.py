@@ -26,7 +26,7 @@ from torch import nn
 
 from livetalk_cli.config import ModelConfig
 from livetalk_cli.distill.recipe import Recipe
-from livetalk_cli.distill.trainer import Ranks
+from livetalk_cli.distill.trainer import Ranks, full_state
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.models.text import BuiltinTextEncoder
@@ -109,12 +109,13 @@ def require(path: Path, producer: str) -> dict[str, torch.Tensor]:
 
 
 def save_weights(module: nn.Module, path: Path, ranks: Ranks) -> None:
-    """Final stage weights, atomically, from rank 0."""
+    """Final stage weights, atomically, written by rank 0 (every rank gathers FSDP shards)."""
+    state = full_state(module)
     if not ranks.main:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+    save_file(state, str(tmp))
     os.replace(tmp, path)
 
 

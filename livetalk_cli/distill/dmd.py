@@ -122,8 +122,8 @@ def run_dmd_stage(ctx: StageContext) -> None:
     critic_flow = FlowModel(ctx.load_dit("teacher"))
     critic = wrap(critic_flow, ranks, r.parallel)
     gen_dit = ctx.load_dit("ode_init")
+    ema = copy.deepcopy(gen_dit).requires_grad_(False)  # full weights, taken before sharding
     rollout = wrap(Rollout(FlowModel(gen_dit), r.model.stream), ranks, r.parallel)
-    ema = copy.deepcopy(gen_dit).requires_grad_(False)
     gen_params, critic_params = list(gen_dit.parameters()), list(critic_flow.parameters())
     gen_opt, critic_opt = make_optimizer(gen_params, st.gen_optim), make_optimizer(critic_params, st.critic_optim)
     state = TrainState({"generator": rollout, "critic": critic, "ema": ema},

@@ -39,13 +39,12 @@ def run_teacher_stage(ctx: StageContext) -> None:
     with torch.no_grad():
         empty = text([""])
     dit = ctx.new_dit()
+    ema = copy.deepcopy(dit).requires_grad_(False) if st.ema_decay > 0 else None  # before sharding
     model = wrap(FlowModel(dit), ranks, r.parallel)
     params = list(dit.parameters())
     opt = make_optimizer(params, st.optim)
     models: dict[str, torch.nn.Module] = {"dit": model}
-    ema = None
-    if st.ema_decay > 0:
-        ema = copy.deepcopy(dit).requires_grad_(False)
+    if ema is not None:
         models["ema"] = ema
     state = TrainState(models, {"dit": (model, opt)})
     c, f, h, w = data.latents.shape[1:]

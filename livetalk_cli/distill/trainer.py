@@ -158,8 +158,19 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], cfg: 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """`ema` holds full tensors (copied before wrapping); FSDP-sharded weights are gathered."""
     for pe, pm in zip(ema.parameters(), unwrap(model).parameters(), strict=True):
-        pe.lerp_(pm.detach().to(pe.dtype), 1 - decay)
+        pe.lerp_(full(pm.detach()).to(pe.dtype), 1 - decay)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with sharded tensors gathered, on the CPU (call on every rank)."""
+    return {k: full(v).detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
 # --- checkpoints -------------------------------------------------------------------------
