@@ -94,7 +94,7 @@ def encode_world(
         path = directory / f"shard_{s:05d}.safetensors"
         if path.is_file():
             if on_progress:
-                on_progress(s, len(shards))
+                on_progress(s + 1, len(shards))
             continue
         seeds = list(range(s * SHARD, min((s + 1) * SHARD, num_clips)))
         lat, aud, prompts = [], [], []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from livetalk_cli.config import DiTConfig
 from livetalk_cli.models.attention import SelfAttention
 from livetalk_cli.models.dit import Conditioning, WanDiT, pack_audio_frames
 from livetalk_cli.sampling.block_sampler import reference_conditioning
@@ -27,7 +28,7 @@ class FlowModel(nn.Module):
         self.dit = dit
 
     @property
-    def cfg(self):  # noqa: ANN201 - DiTConfig
+    def cfg(self) -> DiTConfig:
         return self.dit.cfg
 
     def conditioning(self, context: Tensor, audio: Tensor, ref: Tensor, num_frames: int,

@@ -151,7 +151,6 @@ def sink_study(model: LoadedModel, ctx: StageContext, seconds: float, identities
 def render_speed(model: LoadedModel, ctx: StageContext, seconds: float) -> dict[str, float]:
     from PIL import Image
 
-    from livetalk_cli.media import VideoWriter  # noqa: F401 - PyAV must be present for render
     from livetalk_cli.render import RenderJob, render_job
 
     cfg = model.cfg

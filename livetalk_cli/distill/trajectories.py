@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from livetalk_cli.distill.context import StageContext, mark_done, stage_done
-from livetalk_cli.distill.data import load_latents
+from livetalk_cli.distill.data import LatentSet, load_latents
 from livetalk_cli.distill.flow import FlowModel
 from livetalk_cli.distill.trainer import generator
+from livetalk_cli.models.text import BuiltinTextEncoder
 from livetalk_cli.sampling.teacher import teacher_sample
 
 
@@ -61,7 +62,7 @@ def run_trajectory_stage(ctx: StageContext) -> None:
 
 
 @torch.no_grad()
-def sample_batch(ctx: StageContext, flow: FlowModel, text, data, batch: list[int],  # noqa: ANN001
+def sample_batch(ctx: StageContext, flow: FlowModel, text: BuiltinTextEncoder, data: LatentSet, batch: list[int],
                  shape: tuple[int, int, int, int]) -> torch.Tensor:
     """Teacher trajectories for clip indices `batch` → (n, K, C, F, h, w) fp32 on the CPU."""
     st = ctx.recipe.trajectories
