@@ -85,6 +85,8 @@ class WorldDataConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class VAEStage(LoopConfig):
     clip_frames: int = 17
+    long_clip_frames: int = 0  # from step `long_clip_from` train on clips this long (0 = never): a causal
+    long_clip_from: int = 0  # VAE must see streams longer than its temporal receptive field
     crop: int = 0  # train on random square crops of this size (0 = whole frames); the VAE is convolutional
     kl_weight: float = 1e-6
     stats_clips: int = 64  # clips used to measure the latent mean/std after training
@@ -215,8 +217,12 @@ def _validate(r: Recipe) -> None:
     sf = r.model.vae.spatial_factor
     _check(r.vae.crop == 0 or (r.vae.crop % sf == 0 and r.vae.crop <= min(r.model.height, r.model.width)),
            f"vae.crop must be 0 or a multiple of {sf} no larger than the frame")
-    for where, frames in (("world.clip_frames", r.world.clip_frames), ("vae.clip_frames", r.vae.clip_frames)):
+    clip_lengths = [("world.clip_frames", r.world.clip_frames), ("vae.clip_frames", r.vae.clip_frames)]
+    if r.vae.long_clip_frames:
+        clip_lengths.append(("vae.long_clip_frames", r.vae.long_clip_frames))
+    for where, frames in clip_lengths:
         _check(frames >= 1 + tf and (frames - 1) % tf == 0, f"{where} must be 1 + {tf}k frames (k >= 1)")
+    _check(r.vae.long_clip_from >= 0, "vae.long_clip_from must be >= 0")
     latents = 1 + (r.world.clip_frames - 1) // tf
     bf = r.model.stream.block_frames
     _check(latents % bf == 0, f"world.clip_frames gives {latents} latent frames, not a multiple of block "

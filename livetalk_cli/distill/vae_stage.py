@@ -71,15 +71,17 @@ def run_vae_stage(ctx: StageContext) -> None:
         state = TrainState({"vae": model}, {"vae": (model, opt)})
         tf, sf = cfg.vae.temporal_factor, cfg.vae.spatial_factor
         ch, cw = (st.crop, st.crop) if st.crop else (cfg.height, cfg.width)
-        lat_shape = (cfg.vae.z_dim, 1 + (st.clip_frames - 1) // tf, ch // sf, cw // sf)
 
         def step_fn(step: int) -> dict[str, float]:
+            frames_n = st.long_clip_frames if st.long_clip_frames and step >= st.long_clip_from else st.clip_frames
+            lat_shape = (cfg.vae.z_dim, 1 + (frames_n - 1) // tf, ch // sf, cw // sf)
+
             def loss_fn(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
                 videos, eps = [], []
                 for i in chunk:
                     g = generator(r.seed, "vae", step, i)
                     seed = int(torch.randint(r.world.train_clips, (1,), generator=g))
-                    frames = world_clip(cfg, seed, st.clip_frames).frames
+                    frames = world_clip(cfg, seed, frames_n).frames
                     y0 = int(torch.randint(cfg.height - ch + 1, (1,), generator=g))
                     x0 = int(torch.randint(cfg.width - cw + 1, (1,), generator=g))
                     videos.append(video_tensor(frames[:, y0: y0 + ch, x0: x0 + cw]))
