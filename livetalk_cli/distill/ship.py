@@ -44,6 +44,9 @@ def ship(src: Path, dest: Path = EMBEDDED_DEFAULT, max_bytes: int = MAX_BYTES) -
             files[role] = f"{role}.safetensors"
         meta["files"] = files
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        for p in tmp.iterdir():
+            p.chmod(0o644)  # package data: readable by every user (mkstemp/mkdtemp make them private)
+        tmp.chmod(0o755)
         size = sum(p.stat().st_size for p in tmp.iterdir())
         if size > max_bytes:
             raise UserError(f"{src}: {size / 2**20:.1f} MB in fp16, over the {max_bytes / 2**20:.0f} MB budget")
