@@ -11,12 +11,11 @@ A held-out world clip (seed 2,000,000: outside the training and evaluation seeds
 from __future__ import annotations
 
 import logging
-import wave
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from livetalk_cli.media import write_wav
 from livetalk_cli.world.clip import WorldConfig, make_clip
 
 HERE = Path(__file__).resolve().parent
@@ -27,11 +26,7 @@ SECONDS = 5
 def main() -> None:
     cfg = WorldConfig()
     clip = make_clip(SEED, SECONDS * cfg.fps, cfg)
-    with wave.open(str(HERE / "speech.wav"), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(cfg.sample_rate)
-        w.writeframes((np.clip(clip.audio, -1, 1) * 32767).round().astype("<i2").tobytes())
+    write_wav(HERE / "speech.wav", clip.audio, cfg.sample_rate)
     Image.fromarray(clip.reference).save(HERE / "face.png")
     (HERE / "prompt.txt").write_text(clip.prompt + "\n")
     logging.getLogger("make_examples").info("wrote speech.wav, face.png, prompt.txt (%s)", clip.prompt)

@@ -103,6 +103,17 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)
 
 
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Mono float audio in [-1, 1] → 16-bit PCM WAV (clipped)."""
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes())
+
+
 def _resample_mono(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     """Resample a whole mono float32 waveform with libswresample; keeps the duration exact."""
     frame = av.AudioFrame.from_ndarray(audio[None], format="fltp", layout="mono")

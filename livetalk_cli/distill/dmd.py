@@ -193,4 +193,3 @@ def run_dmd_stage(ctx: StageContext) -> None:
     used_ema = bool(state.extra.get("ema_started"))
     save_weights(ema if used_ema else unwrap(rollout).flow.dit, ctx.out / "dmd" / "dit.safetensors", ranks)
     mark_done(ctx, "dmd", {"steps": st.steps, "ema": used_ema})
-    ranks.barrier()

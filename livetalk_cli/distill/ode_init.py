@@ -103,4 +103,3 @@ def run_ode_init_stage(ctx: StageContext) -> None:
     save_weights(dit, ctx.out / "ode_init" / "dit.safetensors", ranks)
     mark_done(ctx, "ode_init", {"steps": st.steps, "plateau_step": state.extra.get("plateau_step"),
                                 "window_means": state.extra.get("windows", [])})
-    ranks.barrier()

@@ -151,27 +151,18 @@ def sink_study(model: LoadedModel, ctx: StageContext, seconds: float, identities
 def render_speed(model: LoadedModel, ctx: StageContext, seconds: float) -> dict[str, float]:
     from PIL import Image
 
+    from livetalk_cli.media import write_wav
     from livetalk_cli.render import RenderJob, render_job
 
     cfg = model.cfg
     clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 800_000, int(seconds * cfg.fps))
     with tempfile.TemporaryDirectory() as tmp:
         wav, png = Path(tmp) / "a.wav", Path(tmp) / "ref.png"
-        _write_wav(wav, clip.audio, cfg.audio.sample_rate)
+        write_wav(wav, clip.audio, cfg.audio.sample_rate)
         Image.fromarray(clip.reference).save(png)
         render_job(model, RenderJob(wav, png, clip.prompt, Path(tmp) / "warm.mp4"))  # warm-up
         result = render_job(model, RenderJob(wav, png, clip.prompt, Path(tmp) / "out.mp4"))
     return {"audio_s": result.audio_s, "wall_s": result.wall_s, "realtime_factor": result.realtime_factor}
-
-
-def _write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
-    import wave
-
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_seconds: float = 60.0,

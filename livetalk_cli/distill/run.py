@@ -59,7 +59,7 @@ def run_recipe(recipe: Recipe, *, stage: str | None = None, on_progress: Progres
         _stage_fn(name)(ctx)
         if name in STUDENT_FOLDERS:
             export_student(ctx, name, STUDENT_FOLDERS[name])
-        ranks.barrier()
+        ranks.barrier()  # every rank sees the stage's outputs before the next stage starts
     return ctx
 
 

@@ -85,4 +85,3 @@ def run_teacher_stage(ctx: StageContext) -> None:
              on_progress=lambda d, t, v: ctx.progress("teacher", d, t, v))
     save_weights(ema if ema is not None else dit, ctx.out / "teacher" / "dit.safetensors", ranks)
     mark_done(ctx, "teacher", {"steps": st.steps, "ema_decay": st.ema_decay})
-    ranks.barrier()

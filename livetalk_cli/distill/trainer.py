@@ -317,7 +317,6 @@ def run_loop(
     meta: dict[str, Any],
     samples_per_step: int,
     on_progress: ProgressFn | None = None,
-    should_stop: Callable[[TrainState], bool] | None = None,
 ) -> TrainState:
     """Run optimiser steps [state.step, loop.steps): log, checkpoint, resume."""
     resumed = state.load(directory)
@@ -326,7 +325,7 @@ def run_loop(
     logger = JsonlLog(directory / "log.jsonl", state.step, ranks.main)
     last_ckpt = state.step
     t0, since = time.perf_counter(), 0
-    while state.step < loop.steps and not (should_stop and should_stop(state)):
+    while state.step < loop.steps:
         step = state.step
         losses = step_fn(step)
         state.step, since = step + 1, since + 1
