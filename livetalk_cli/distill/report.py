@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import tempfile
 import time
@@ -38,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from livetalk_cli.distill.context import StageContext
 from livetalk_cli.distill.data import clip_audio_features, video_tensor, world_clip
 from livetalk_cli.distill.flow import FlowModel
+from livetalk_cli.files import write_text_atomic
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.pipeline import LoadedModel, load_model
 from livetalk_cli.sampling.stream import AvatarStream, frames_to_uint8
@@ -212,8 +212,8 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
         report["render_speed"] = render_speed(final, ctx, speed_seconds)
     report["targets"] = targets(report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "report.json", json.dumps(report, indent=1))
-    _atomic_write(out_dir / "report.md", markdown(report))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "report.md", markdown(report))
     return report
 
 
@@ -277,9 +277,3 @@ def markdown(rep: dict[str, Any]) -> str:
     lines += ["", "## Targets", ""]
     lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in rep["targets"].items()]
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

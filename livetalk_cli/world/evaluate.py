@@ -7,10 +7,7 @@ or from a sidecar `<video stem>.ref.png` beside it. Results are written as one J
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from livetalk_cli.errors import UserError
+from livetalk_cli.files import write_json_atomic
 from livetalk_cli.media import SAMPLE_RATE, load_audio, probe, read_video
 from livetalk_cli.world.metrics import evaluate_video
 
@@ -89,20 +87,6 @@ def mean_result(results: list[dict[str, Any]]) -> dict[str, float]:
     if not results:
         return {}
     return {k: float(np.mean([float(r[k]) for r in results])) for k in MEAN_KEYS}
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it onto `path`."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"output directory does not exist: {path.parent}")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def evaluate_files(videos: list[Path], reference: Path | None, out_json: Path | None) -> list[dict[str, Any]]:
