@@ -20,7 +20,13 @@ import torch
 from livetalk_cli.errors import UserError
 from livetalk_cli.media import VideoWriter, load_audio, load_image
 from livetalk_cli.pipeline import LoadedModel
-from livetalk_cli.sampling.stream import AvatarStream, blocks_for_video_frames, frames_to_uint8
+from livetalk_cli.sampling.stream import (
+    AvatarStream,
+    StreamOptions,
+    blocks_for_video_frames,
+    frames_to_uint8,
+    stream_video,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,7 @@ def render_job(
     *,
     seed: int = 0,
     fit: Literal["crop", "pad"] = "crop",
+    options: StreamOptions | None = None,
     on_frames: Callable[[int, int], None] | None = None,
 ) -> JobResult:
     """Render one job. `on_frames(written, total)` is called after each block is written.
@@ -135,15 +142,17 @@ def render_job(
     image = load_image(job.image, cfg.height, cfg.width, fit)
     total = video_frame_count(len(wave_np), cfg.audio.sample_rate, cfg.fps)
     wave = torch.from_numpy(wave_np)
-    stream = AvatarStream(model)
+    stream = AvatarStream(model, options or StreamOptions())
     stream.start(image, job.prompt, seed)
     n_blocks = blocks_for_video_frames(total, cfg.stream.block_frames, stream.tf)
     job.out.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with VideoWriter(job.out, cfg.width, cfg.height, cfg.fps, audio=wave_np,
                      sample_rate=cfg.audio.sample_rate) as writer:
-        for _ in range(n_blocks):
-            frames = frames_to_uint8(stream.next_block(wave))[: total - written]
+        for video in stream_video(stream, wave, n_blocks):
+            frames = frames_to_uint8(video)[: total - written]
+            if not len(frames):
+                continue
             writer.write(frames)
             written += len(frames)
             if on_frames is not None:
@@ -160,6 +169,7 @@ def render_batch(
     seed: int = 0,
     fit: Literal["crop", "pad"] = "crop",
     overwrite: bool = False,
+    options: StreamOptions | None = None,
     on_job_start: Callable[[RenderJob], None] | None = None,
     on_frames: Callable[[int, int], None] | None = None,
     on_job_end: Callable[[JobResult], None] | None = None,
@@ -175,7 +185,7 @@ def render_batch(
             if on_job_start is not None:
                 on_job_start(job)
             try:
-                result = render_job(model, job, seed=seed, fit=fit, on_frames=on_frames)
+                result = render_job(model, job, seed=seed, fit=fit, options=options, on_frames=on_frames)
             except UserError as e:
                 result = JobResult(job, "failed", error=str(e))
             except Exception as e:  # one broken job must not take the batch down

@@ -22,7 +22,7 @@ from livetalk_cli.sampling.kv_cache import BlockKVCache
 from livetalk_cli.sampling.schedule import renoise, sampling_sigmas
 
 
-def block_step(
+def denoise(
     dit: WanDiT,
     cache: BlockKVCache,
     noise: Tensor,
@@ -31,11 +31,11 @@ def block_step(
     ref: Tensor,
     pin: Tensor,
 ) -> Tensor:
-    """Denoise one block and refill the cache with it.
+    """Denoise one block over the cached context (the cache's current-block K/V are scratch).
 
     noise: (K, B, C, f, h, w), one draw per step; sigmas: (K,) fp32; ref: (B, C, 1, h, w)
     reference latent; pin: (1, 1, f, 1, 1), 1 where the frame is the pinned reference.
-    Returns x0 (B, C, f, h, w). The caller commits the cache afterwards.
+    Returns x0 (B, C, f, h, w).
     """
     num_steps = noise.shape[0]
     b, _, f = noise.shape[1:4]
@@ -49,7 +49,27 @@ def block_step(
         x0 = (x - sigmas[i] * v) * keep + ref * pin
         if i + 1 < num_steps:
             x = renoise(x0, noise[i + 1], sigmas[i + 1])
-    dit(x0, torch.zeros(b, f, device=x0.device), cond, cache)  # refill: clean K/V at t = 0
+    return x0
+
+
+def refill(dit: WanDiT, cache: BlockKVCache, x0: Tensor, cond: Conditioning) -> None:
+    """The t = 0 pass that writes the block's clean K/V into the cache (the caller commits)."""
+    b, _, f = x0.shape[:3]
+    dit(x0, torch.zeros(b, f, device=x0.device), cond, cache)
+
+
+def block_step(
+    dit: WanDiT,
+    cache: BlockKVCache,
+    noise: Tensor,
+    sigmas: Tensor,
+    cond: Conditioning,
+    ref: Tensor,
+    pin: Tensor,
+) -> Tensor:
+    """`denoise` then `refill`, as one function (one compiled graph). Returns x0."""
+    x0 = denoise(dit, cache, noise, sigmas, cond, ref, pin)
+    refill(dit, cache, x0, cond)
     return x0
 
 
@@ -70,8 +90,17 @@ class BlockSampler:
         self._pin_rest = torch.zeros(1, 1, f, 1, 1, device=self.device)
         self._pin_ref = self._pin_rest.clone()
         self._pin_ref[:, :, 0] = 1.0  # block 0, frame 0: the reference latent
-        self.step = block_step
+        self.step = block_step  # denoise + refill (one graph)
+        self.denoise_fn = denoise  # the two halves, for pipelines that decode before the refill
+        self.refill_fn = refill
         self.block_index = 0
+
+    def accelerate(self, *, compile: bool = False, cuda_graphs: bool = False, backend: str = "inductor") -> None:
+        """Compile the hot-path functions and/or replay them from CUDA graphs (see `accel`)."""
+        from livetalk_cli.sampling.accel import accelerate
+
+        for name, fn in (("step", block_step), ("denoise_fn", denoise), ("refill_fn", refill)):
+            setattr(self, name, accelerate(fn, compile=compile, cuda_graphs=cuda_graphs, backend=backend))
 
     def start(self, text_kv: list[tuple[Tensor, Tensor]], ref_latent: Tensor | None) -> None:
         """New stream. ref_latent: (B, C, 1, h, w) normalised reference latent (None for T2V)."""
@@ -92,15 +121,33 @@ class BlockSampler:
             self._y_first = reference_conditioning(self.ref, f, first_known=True)
             self._pin_first = self._pin_ref
 
-    def denoise_block(self, noise: Tensor, audio: Tensor | None) -> Tensor:
-        """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w)."""
+    def _block_inputs(self, audio: Tensor | None) -> tuple[Conditioning, Tensor]:
         first = self.block_index == 0
         cond = Conditioning(self.text_kv, self._y_first if first else self._y_rest, audio)
-        pin = self._pin_first if first else self._pin_rest
+        return cond, self._pin_first if first else self._pin_rest
+
+    def denoise_block(self, noise: Tensor, audio: Tensor | None) -> Tensor:
+        """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w).
+        Denoise, refill and commit: the next call continues the stream."""
+        cond, pin = self._block_inputs(audio)
         x0 = self.step(self.dit, self.cache, noise, self.sigmas, cond, self.ref, pin)
+        self._commit()
+        return x0
+
+    def denoise(self, noise: Tensor, audio: Tensor | None) -> tuple[Tensor, Conditioning]:
+        """First half of `denoise_block`: x0 and the conditioning `refill` needs. The frames can be
+        decoded before the refill runs (first-frame latency, decode/DiT overlap)."""
+        cond, pin = self._block_inputs(audio)
+        return self.denoise_fn(self.dit, self.cache, noise, self.sigmas, cond, self.ref, pin), cond
+
+    def refill(self, x0: Tensor, cond: Conditioning) -> None:
+        """Second half: write the block's clean K/V and commit it."""
+        self.refill_fn(self.dit, self.cache, x0, cond)
+        self._commit()
+
+    def _commit(self) -> None:
         self.cache.commit()
         self.block_index += 1
-        return x0
 
 
 def reference_conditioning(ref: Tensor, num_frames: int, *, first_known: bool) -> Tensor:

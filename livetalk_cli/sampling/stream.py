@@ -12,6 +12,11 @@ Legend: B batch, C latent channels, f block frames, T video frames, H/W image si
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +25,7 @@ from torch import Tensor
 from livetalk_cli.config import latents_for_video_frames
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import frame_features, samples_per_frame, window_frames
-from livetalk_cli.models.dit import pack_audio_frames
+from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.sampling.block_sampler import BlockSampler
 
@@ -48,19 +53,46 @@ def frames_to_uint8(video: Tensor) -> np.ndarray:
     return ((host + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a stream runs (render and bench share these switches)."""
+
+    pipelined: bool = True  # DiT of block n+1 overlaps the VAE decode of block n
+    compile: bool = False  # torch.compile the block step (fullgraph, static shapes)
+    cuda_graphs: bool = False  # replay the block step from CUDA graphs (CUDA only)
+    compile_backend: str = "inductor"
+
+    def label(self) -> str:
+        on = [n for n, v in (("pipelined", self.pipelined), ("compile", self.compile),
+                             ("cuda-graphs", self.cuda_graphs)) if v]
+        return "+".join(on) or "sequential eager"
+
+
 class AvatarStream:
-    def __init__(self, model: LoadedModel):
+    """One avatar stream: `start()` once, then per block `sample()` → `decode()` → `refill()`
+    (or `next_block()`, which does all three). `sample` and `refill` touch the DiT and its KV cache,
+    `decode` only the VAE and its cache, so a pipeline may run them on different threads/streams
+    (see `stream_video`)."""
+
+    def __init__(self, model: LoadedModel, options: StreamOptions = StreamOptions()):
         cfg = model.cfg
+        compile, cuda_graphs = options.compile, options.cuda_graphs
         if not cfg.dit.has_audio:
             raise UserError(f"preset {cfg.name!r} has no audio conditioning; use an omniavatar preset")
+        if cuda_graphs and model.device.type != "cuda":
+            raise UserError("CUDA graphs need a CUDA device (--device cuda)")
         self.model, self.cfg = model, cfg
         self.sampler = BlockSampler(model.dit, cfg, device=model.device)
+        if compile or cuda_graphs:
+            self.sampler.accelerate(compile=compile, cuda_graphs=cuda_graphs, backend=options.compile_backend)
+        self.options = options
         self.spf = samples_per_frame(cfg.audio.sample_rate, cfg.fps)
         self.context_frames, self.lookahead_frames = window_frames(cfg.audio, cfg.fps)
         self.tf = cfg.vae.temporal_factor
         self.generator = torch.Generator(device=model.device)
         self.vae_dtype = next(model.vae.parameters()).dtype
-        self.block = 0
+        self.block = 0  # the next block `sample` makes
+        self.decoded = 0  # blocks `decode` has consumed
 
     @torch.no_grad()
     def start(self, image: Tensor, prompt: str, seed: int = 0) -> None:
@@ -71,27 +103,153 @@ class AvatarStream:
         self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
         self.vae_cache = m.vae.new_decode_cache()
         self.generator.manual_seed(seed)
-        self.block = 0
+        self.block = self.decoded = 0
 
     def video_range(self, n: int | None = None) -> tuple[int, int]:
-        """Video frames [start, end) of block n (default: the next block)."""
+        """Video frames [start, end) of block n (default: the next block to sample)."""
         return block_video_range(self.block if n is None else n, self.cfg.stream.block_frames, self.tf)
 
+    def audio_needed(self, n: int) -> int:
+        """Video frames of audio that must have arrived before block n can start (its frames plus the
+        encoder's look-ahead): the algorithmic latency of the first block is audio_needed(0) / fps."""
+        return self.video_range(n)[1] + self.lookahead_frames
+
     @torch.no_grad()
-    def next_block(self, wave: Tensor) -> Tensor:
-        """wave: (S,) float32 16 kHz audio so far (sample 0 = frame 0) → video (1, 3, T, H, W)."""
-        m, cfg = self.model, self.cfg
+    def block_audio(self, wave: Tensor) -> Tensor:
+        """Audio conditioning of the next block: (num_audio_layers, 1, f, D)."""
+        m = self.model
         start, end = self.video_range()
         feats = frame_features(
             m.audio_encoder, wave, self.spf, start, end - start, self.context_frames, self.lookahead_frames
         )
         packed = pack_audio_frames(feats[None].float(), stream_start=self.block == 0, pack=self.tf)
-        audio = m.dit.prepare_audio(packed.to(m.device))
+        return m.dit.prepare_audio(packed.to(m.device))
+
+    def block_noise(self) -> Tensor:
+        cfg = self.cfg
         h, w = cfg.latent_hw
-        noise = torch.randn(
+        return torch.randn(
             (cfg.stream.num_steps, 1, cfg.dit.out_dim, cfg.stream.block_frames, h, w),
-            generator=self.generator, device=m.device,
+            generator=self.generator, device=self.model.device,
         )
-        x0 = self.sampler.denoise_block(noise, audio)
+
+    @torch.no_grad()
+    def sample(self, wave: Tensor) -> tuple[Tensor, Conditioning]:
+        """wave: (S,) float32 16 kHz audio so far (sample 0 = frame 0) → the next block's clean latents
+        (1, C, f, h, w) and the conditioning `refill` needs. Call `refill` before the next `sample`."""
+        audio = self.block_audio(wave)
+        return self.sampler.denoise(self.block_noise(), audio)
+
+    @torch.no_grad()
+    def refill(self, x0: Tensor, cond: Conditioning) -> None:
+        """Write the sampled block into the KV cache; the stream moves to the next block."""
+        self.sampler.refill(x0, cond)
         self.block += 1
-        return m.vae.decode_step(x0.to(self.vae_dtype), self.vae_cache)
+
+    def decode_parts(self, z: Tensor) -> list[Tensor]:
+        """How a sampled block is decoded: block 0 in two chunks, the reference latent + the first
+        generated latent first, so the first generated frame leaves the decoder before the rest of
+        the block is decoded; later blocks whole."""
+        parts = [z[:, :, :2], z[:, :, 2:]] if self.decoded == 0 and z.shape[2] > 2 else [z]
+        self.decoded += 1
+        return parts
+
+    @torch.no_grad()
+    def decode_part(self, z: Tensor) -> Tensor:
+        """Latents (1, C, f, h, w) → video (1, 3, T, H, W) in [-1, 1], continuing the VAE stream."""
+        return self.model.vae.decode_step(z.to(self.vae_dtype), self.vae_cache)
+
+    def decode(self, x0: Tensor) -> list[Tensor]:
+        """A sampled block's latents → its video chunks (1, 3, T, H, W), see `decode_parts`."""
+        return [self.decode_part(p) for p in self.decode_parts(x0.to(self.vae_dtype))]
+
+    def next_block(self, wave: Tensor) -> Tensor:
+        """sample → decode → refill: the next block's video (1, 3, T, H, W)."""
+        x0, cond = self.sample(wave)
+        video = self.decode(x0)
+        self.refill(x0, cond)
+        return torch.cat(video, dim=2)
+
+
+def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: int = 2) -> Iterator[Tensor]:
+    """Video chunks (1, 3, T, H, W) of `num_blocks` blocks, in order; `stream.start()` must have run.
+
+    Sequential: sample, decode, refill, block after block. Pipelined: the DiT (sample + refill) runs
+    in a worker thread up to `depth` blocks ahead, while the caller's thread decodes (on GPU, on its
+    own CUDA stream), so block n+1 is denoised while block n is decoded. Both give identical frames.
+    """
+    if not stream.options.pipelined:
+        for _ in range(num_blocks):
+            x0, cond = stream.sample(wave)
+            yield from _decode_chunks(stream, x0, None, None)
+            stream.refill(x0, cond)
+        return
+    cuda = stream.model.device.type == "cuda"
+    vae_stream = torch.cuda.Stream(stream.model.device) if cuda else None
+    q: queue.Queue[tuple[str, Any, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    first_out = threading.Event()  # set once the first chunk (the first generated frame) is decoded
+
+    def put(item: tuple[str, Any, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                for n in range(num_blocks):
+                    x0, cond = stream.sample(wave)
+                    ready = None
+                    if cuda:
+                        ready = torch.cuda.Event()
+                        ready.record()
+                    if not put(("block", x0, ready)):
+                        return
+                    if n == 0:  # the first frame first: do not compete with its decode
+                        while not first_out.wait(0.05):
+                            if stop.is_set():
+                                return
+                    stream.refill(x0, cond)
+            put(("end", None, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put(("error", e, None))
+
+    worker = threading.Thread(target=produce, name="livetalk-dit", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, x0, ready = q.get()
+            if kind == "end":
+                break
+            if kind == "error":
+                raise x0
+            for chunk in _decode_chunks(stream, x0, ready, vae_stream):
+                first_out.set()
+                yield chunk
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _decode_chunks(stream: AvatarStream, x0: Tensor, ready: Any, vae_stream: Any) -> Iterator[Tensor]:
+    """Decode a block chunk by chunk (on GPU on `vae_stream`, after the DiT's `ready` event)."""
+    if vae_stream is None:
+        z = x0.to(stream.vae_dtype)
+    else:
+        with torch.cuda.stream(vae_stream):
+            vae_stream.wait_event(ready)
+            x0.record_stream(vae_stream)  # x0 was allocated on the DiT's stream
+            z = x0.to(stream.vae_dtype)
+    for part in stream.decode_parts(z):
+        if vae_stream is None:
+            yield stream.decode_part(part)
+            continue
+        with torch.cuda.stream(vae_stream):
+            video = stream.decode_part(part)
+        torch.cuda.current_stream().wait_stream(vae_stream)  # the caller reads the frames
+        yield video
