@@ -57,6 +57,16 @@ PresetOpt = Annotated[
 ]
 
 
+PipelinedOpt = Annotated[
+    bool, typer.Option("--pipelined/--sequential",
+                       help="Denoise block n+1 while block n is decoded (worker thread; CUDA stream on GPU).")
+]
+CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the block step.")]
+GraphsOpt = Annotated[
+    bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the block step from CUDA graphs (CUDA only).")
+]
+
+
 @app.command()
 def render(
     audio: Annotated[list[Path] | None, typer.Argument(help="Audio files (wav, mp3, m4a, flac, ogg, ...).")] = None,
@@ -84,6 +94,9 @@ def render(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Re-render outputs that already exist.")] = False,
+    pipelined: PipelinedOpt = True,
+    compile: CompileOpt = False,
+    cuda_graphs: GraphsOpt = False,
 ) -> None:
     """Render AUDIO files (+ a reference image and a prompt) into MP4 videos with the audio muxed in.
 
@@ -91,6 +104,7 @@ def render(
     """
     from livetalk_cli.pipeline import load_model
     from livetalk_cli.render import JobResult, RenderJob, jobs_from_args, read_manifest, render_batch
+    from livetalk_cli.sampling.stream import StreamOptions
 
     with user_errors():
         if manifest is not None:
@@ -131,8 +145,9 @@ def render(
                         highlight=False,
                     )
 
+            options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs)
             results = render_batch(
-                model, jobs, seed=seed, fit=fit.value, overwrite=overwrite,
+                model, jobs, seed=seed, fit=fit.value, overwrite=overwrite, options=options,
                 on_job_start=start, on_frames=frames, on_job_end=end,
             )
         failed = [r for r in results if r.status == "failed"]
@@ -190,6 +205,161 @@ def distill(
             err.print(f"distill: finished {stage or ', '.join(r.stages)} in {r.out}", highlight=False)
             if report is not None:
                 err.print(f"report: {report / 'report.md'}", highlight=False)
+
+
+@app.command()
+def bench(
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder. Default: the embedded demo model.")
+    ] = None,
+    preset: PresetOpt = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="The preset's architecture with random weights (real size).")
+    ] = False,
+    height: Annotated[int | None, typer.Option(help="Frame height (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Frame width (default: the model's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per block.")] = None,
+    block_frames: Annotated[int | None, typer.Option(help="Latent frames per block.")] = None,
+    sinks: Annotated[int | None, typer.Option(help="Identity-sink latent frames (0 = none).")] = None,
+    window: Annotated[int | None, typer.Option(help="Ring-window latent frames.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    pipelined: PipelinedOpt = True,
+    compile: CompileOpt = False,
+    cuda_graphs: GraphsOpt = False,
+    compile_backend: Annotated[str, typer.Option(help="torch.compile backend.", hidden=True)] = "inductor",
+    blocks: Annotated[int, typer.Option(help="Measured blocks per FPS run (>= 20).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Blocks of each FPS run before timing starts.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Repeats of every timing (median, min, max).")] = 3,
+    stage_blocks: Annotated[int, typer.Option(help="Blocks timed stage by stage.")] = 8,
+    stream_minutes: Annotated[
+        float, typer.Option(help="Length of the stream whose memory must stay flat (0 = skip).")
+    ] = 10.0,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also measure each optimisation on/off (pipelining, compile, graphs).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here.")] = None,
+) -> None:
+    """Measure steady-state FPS, first-frame latency, per-stage times, memory and the FLOP floor.
+
+    \b
+    Real time: the preset's fps (16 for the Wan family).
+    Steady-state FPS: generated frames per wall second over --blocks (>= 20) blocks after --warmup
+      blocks of the same stream, through render's streaming pipeline, frames copied to the host.
+    First-frame latency: from the call that starts a stream (model loaded and warm, the first block's
+      audio available) to the first generated RGB frame on the host; the reference frame does not count.
+    Audio before start: the audio the first block needs before it can start (its frames plus the
+      audio encoder's look-ahead), the configuration's algorithmic latency, reported separately.
+    Timing: device synchronised around timed regions, warm-up excluded, median of --repeats with min
+      and max. Per-stage times come from the sequential eager path, synchronised after each stage.
+    FLOP floor: FLOPs per frame (torch FlopCounterMode: DiT passes + refill + VAE decode) over the
+      device's measured dense matmul rate in the chosen dtype.
+    Memory: CUDA allocated bytes on GPU, resident set on CPU, after every block of a --stream-minutes
+      stream; flat = growth after the first 10 % within max(16 MB, 2 %).
+    """
+    from livetalk_cli.bench import BenchSettings, run_bench
+    from livetalk_cli.files import write_json_atomic
+    from livetalk_cli.pipeline import load_model
+    from livetalk_cli.sampling.stream import StreamOptions
+
+    with user_errors():
+        settings = BenchSettings(
+            height=height, width=width, steps=steps, block_frames=block_frames, sinks=sinks, window=window,
+            blocks=blocks, warmup=warmup, repeats=repeats, stream_minutes=stream_minutes,
+            stage_blocks=stage_blocks, compare=compare,
+        )
+        settings.validate()
+        if json_out is not None and not json_out.parent.is_dir():
+            raise UserError(f"output directory does not exist: {json_out.parent}")
+        options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs,
+                                compile_backend=compile_backend)
+        model = load_model(checkpoint=checkpoint, preset_name=preset, random_weights=random_weights,
+                           device=device, dtype=dtype, seed=seed)
+        if cuda_graphs and model.device.type != "cuda":
+            raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as progress:
+            task = progress.add_task("bench", total=None)
+            result = run_bench(
+                model, options, settings,
+                on_status=lambda text: progress.update(task, description=text, completed=0, total=None),
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        if json_out is not None:
+            write_json_atomic(json_out, result)
+    print_bench(result)
+    if json_out is not None:
+        err.print(f"wrote {json_out}", highlight=False)
+
+
+def print_bench(r: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    out = Console()
+    m, mod = r["machine"], r["model"]
+    out.print(
+        f"[bold]{mod['name']}[/] ({mod['source']}), {mod['height']}x{mod['width']} @ {mod['fps']} fps, "
+        f"{mod['dtype']} (VAE {mod['vae_dtype']}), {mod['steps']} steps + refill, blocks of {mod['block_frames']} "
+        f"latents, {mod['sink_frames']} sinks + {mod['window_frames']} window; {m['device']}, torch {m['torch']}; "
+        f"{r['options'] and _label(r['options'])}",
+        highlight=False,
+    )
+
+    def span(s: dict, fmt: str) -> list[str]:
+        return [format(s["median"], fmt), format(s["min"], fmt), format(s["max"], fmt)]
+
+    t = Table(box=box.SIMPLE_HEAD, title="throughput and latency")
+    for c in ("", "median", "min", "max", "note"):
+        t.add_column(c, justify="left" if c in ("", "note") else "right")
+    fl = r["flops"]
+    t.add_row("steady-state FPS", *span(r["fps"], ".2f"), f"{r['realtime_factor']:.2f}x real time ({mod['fps']} fps)")
+    t.add_row("first frame (s)", *span(r["first_frame_s"], ".3f"), "stream start -> first generated frame on host")
+    lb = r["latency_budget"]
+    t.add_row("audio before start (s)", f"{lb['audio_before_first_block_s']:.3f}", "", "",
+              f"algorithmic: block 0's frames + {lb['lookahead_s']:.3f} s look-ahead")
+    t.add_row("FLOP floor FPS", f"{fl['floor_fps']:.1f}", "", "",
+              f"{(fl['dit_per_frame'] + fl['vae_decode_per_frame']) / 1e9:.3g} GFLOP/frame over "
+              f"{fl['matmul_flop_per_s'] / 1e12:.3g} TFLOP/s matmul")
+    t.add_row("FLOP floor first frame (s)", f"{fl['floor_first_frame_s']:.4f}", "", "",
+              f"{fl['first_frame'] / 1e9:.3g} GFLOP to the first frame")
+    ref = r["reference"]
+    t.add_row("LiveTalk (published)", f"{ref['fps']:.2f} FPS", f"{ref['first_frame_s']:.2f} s", "", ref["source"],
+              style="dim")
+    out.print(t)
+
+    st = Table(box=box.SIMPLE_HEAD, title="per block, sequential eager, synchronised (s)")
+    for c in ("stage", "median", "min", "max", "share"):
+        st.add_column(c, justify="left" if c == "stage" else "right")
+    total = sum(v["median"] for v in r["stages_s"].values())
+    for name, v in r["stages_s"].items():
+        st.add_row(name, *span(v, ".4f"), f"{100 * v['median'] / total:.0f}%")
+    st.add_row("sum", f"{total:.4f}", "", "", f"{lb['frames_per_block'] / total:.1f} FPS", style="bold")
+    out.print(st)
+
+    if "compare" in r:
+        ct = Table(box=box.SIMPLE_HEAD, title="optimisations (each row adds one)")
+        for c in ("switches", "FPS", "gain", "first frame (s)", "gain"):
+            ct.add_column(c, justify="left" if c == "switches" else "right")
+        for row in r["compare"]:
+            ct.add_row(row["options"], f"{row['fps']['median']:.2f}", f"{row['fps_gain']:.2f}x",
+                       f"{row['first_frame_s']['median']:.3f}", f"{row['first_frame_gain']:.2f}x")
+        out.print(ct)
+
+    mem = r.get("memory_stream")
+    line = f"peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})"
+    if mem:
+        line += (f"; {mem['minutes']:.1f}-minute stream: {mem['start_mb']:.0f} -> {mem['end_mb']:.0f} MB "
+                 f"(growth {mem['growth_mb']:+.1f} MB, tolerance {mem['tolerance_mb']:.0f}) "
+                 + ("[green]flat[/]" if mem["flat"] else "[red]GROWING[/]"))
+    out.print(line, highlight=False)
+
+
+def _label(options: dict) -> str:
+    from livetalk_cli.sampling.stream import StreamOptions
+
+    return StreamOptions(**options).label()
 
 
 @app.command("eval")
