@@ -333,12 +333,13 @@ def memory_stream(model: LoadedModel, options: StreamOptions, wave_fn: Callable[
                 on_progress(blocks_done, n_blocks)
     settle = max(1, len(samples) // 10)  # allocator warm-up: the first 10 % of the stream
     steady = samples[settle:] or samples
-    growth = steady[-1] - steady[0]
-    tolerance = max(16.0, 0.02 * steady[0])
+    quarter = max(1, len(steady) // 4)  # medians of quarters: robust to the allocator's ups and downs
+    start, end = statistics.median(steady[:quarter]), statistics.median(steady[-quarter:])
+    tolerance = max(16.0, 0.02 * start)
     return {
         "minutes": got / cfg.fps / 60, "blocks": n_blocks,
-        "start_mb": steady[0], "end_mb": steady[-1], "max_mb": max(samples), "growth_mb": growth,
-        "tolerance_mb": tolerance, "flat": abs(growth) <= tolerance,
+        "start_mb": start, "end_mb": end, "min_mb": min(samples), "max_mb": max(samples),
+        "growth_mb": end - start, "tolerance_mb": tolerance, "flat": abs(end - start) <= tolerance,
         "samples_mb": samples[:: max(1, len(samples) // 50)],
     }
 

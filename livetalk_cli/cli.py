@@ -256,7 +256,8 @@ def bench(
     FLOP floor: FLOPs per frame (torch FlopCounterMode: DiT passes + refill + VAE decode) over the
       device's measured dense matmul rate in the chosen dtype.
     Memory: CUDA allocated bytes on GPU, resident set on CPU, after every block of a --stream-minutes
-      stream; flat = growth after the first 10 % within max(16 MB, 2 %).
+      stream; after the first 10 %, the median of the last quarter minus that of the first quarter
+      is the growth, flat if within max(16 MB, 2 %).
     """
     from livetalk_cli.bench import BenchSettings, run_bench
     from livetalk_cli.files import write_json_atomic
@@ -351,7 +352,8 @@ def print_bench(r: dict) -> None:
     line = f"peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})"
     if mem:
         line += (f"; {mem['minutes']:.1f}-minute stream: {mem['start_mb']:.0f} -> {mem['end_mb']:.0f} MB "
-                 f"(growth {mem['growth_mb']:+.1f} MB, tolerance {mem['tolerance_mb']:.0f}) "
+                 f"(range {mem['min_mb']:.0f}-{mem['max_mb']:.0f}; growth {mem['growth_mb']:+.1f} MB, "
+                 f"tolerance {mem['tolerance_mb']:.0f}) "
                  + ("[green]flat[/]" if mem["flat"] else "[red]GROWING[/]"))
     out.print(line, highlight=False)
 

@@ -96,6 +96,7 @@ def test_pipeline_worker_error_reaches_the_caller_and_the_thread_ends(model, mon
         for v in stream_video(stream, wave, 6):
             got.append(v)
     assert len(got) == 3  # block 0 (two chunks) and block 1 arrived before the error
+    stream.close()
     assert threading.active_count() == before
 
 
@@ -106,10 +107,12 @@ def test_closing_a_pipelined_stream_early_stops_its_worker(model):
     before = threading.active_count()
     chunks = stream_video(stream, wave, 50)
     next(chunks)
-    chunks.close()
-    assert threading.active_count() == before
+    chunks.close()  # returns only once the worker has left the stream
     assert stream.block < 50  # bounded queue: the worker did not run to the end
     assert first_frame_latency(stream, wave, image, "") > 0  # the stream restarts cleanly
+    assert threading.active_count() == before + 1  # one DiT thread per stream, reused
+    stream.close()
+    assert threading.active_count() == before
 
 
 def test_bench_cli_produces_consistent_figures(tmp_path):

@@ -15,6 +15,7 @@ import math
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,7 @@ class AvatarStream:
         self.tf = cfg.vae.temporal_factor
         self.generator = torch.Generator(device=model.device)
         self.vae_dtype = next(model.vae.parameters()).dtype
+        self._worker: ThreadPoolExecutor | None = None
         self.block = 0  # the next block `sample` makes
         self.decoded = 0  # blocks `decode` has consumed
 
@@ -104,6 +106,19 @@ class AvatarStream:
         self.vae_cache = m.vae.new_decode_cache()
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
+
+    def worker(self) -> ThreadPoolExecutor:
+        """The stream's DiT thread for pipelined streaming. It lives as long as the stream: a new
+        thread per stream would pay the BLAS/oneDNN per-thread set-up on every first frame."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livetalk-dit")
+        return self._worker
+
+    def close(self) -> None:
+        """End the worker thread (also happens when the stream is garbage collected)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     def video_range(self, n: int | None = None) -> tuple[int, int]:
         """Video frames [start, end) of block n (default: the next block to sample)."""
@@ -219,8 +234,7 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
         except BaseException as e:  # handed to the consumer, raised there
             put(("error", e, None))
 
-    worker = threading.Thread(target=produce, name="livetalk-dit", daemon=True)
-    worker.start()
+    done = stream.worker().submit(produce)
     try:
         while True:
             kind, x0, ready = q.get()
@@ -233,7 +247,7 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
                 yield chunk
     finally:
         stop.set()
-        worker.join()
+        done.result()  # the worker has left `produce` (its errors were handed over above)
 
 
 def _decode_chunks(stream: AvatarStream, x0: Tensor, ready: Any, vae_stream: Any) -> Iterator[Tensor]:
