@@ -118,6 +118,8 @@ def render(
             device=device, dtype=dtype, seed=seed,
         )
         logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)
+        if cuda_graphs and model.device.type != "cuda":
+            raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
 
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

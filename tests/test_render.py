@@ -129,6 +129,19 @@ def test_bad_inputs_fail_cleanly(tmp_path):
     manifest.write_text('{"audio": "g.wav", "out": "o/v.mp4"}\n{"audio": "g.wav"\n')
     _assert_clean_failure(render("--manifest", str(manifest), "--image", str(FACE)), out, 2, "m.jsonl:2")
     _assert_clean_failure(render(str(good), "--out", str(out)), out, 2, "--image is required")
+    _assert_clean_failure(render(str(good), "--image", str(FACE), "--out", str(out), "--cuda-graphs"), out, 2,
+                          "needs a CUDA device")
+
+
+def test_render_sequential_and_pipelined_give_the_same_video(tmp_path):
+    audio = write_wav(tmp_path / "a.wav", 1.3)
+    base, other = tmp_path / "base.mp4", tmp_path / "other.mp4"
+    for out, extra in ((base, []), (other, ["--sequential"])):
+        res = render(str(audio), "--image", str(FACE), "--out", str(out), *extra)
+        assert res.exit_code == 0, res.output
+    a, b = read_video(base), read_video(other)
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a, b)  # same frames in, same deterministic H.264 out
 
 
 def test_checkpoint_mismatch_and_nan_weights(tmp_path):
