@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,6 +63,7 @@ class BenchSettings:
     stream_minutes: float = 10.0  # the memory-flatness stream (0 = skip)
     stage_blocks: int = 8  # blocks timed stage by stage
     compare: bool = False  # also measure every optimisation on/off
+    speed_only: bool = False  # only FPS and first-frame latency (what --compare needs of each variant)
 
     def validate(self) -> None:
         if self.blocks < 20:
@@ -285,9 +289,9 @@ def stage_times(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, pro
 def flops(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, prompt: str) -> dict[str, float]:
     """DiT and VAE FLOPs: per generated frame in the steady state (full cache), and to the first frame."""
     stream = AvatarStream(model, StreamOptions(pipelined=False))
-    stream.start(image, prompt, seed=0)
     cfg = model.cfg
-    with FlopCounterMode(display=False) as first_counter:  # the first block's passes + its first chunk
+    with FlopCounterMode(display=False) as first_counter:  # start, the first block's passes, its first chunk
+        stream.start(image, prompt, seed=0)
         x0, cond = stream.sample(wave)
         first_chunk = stream.decode(x0[:, :, :2])  # the first-frame chunk only
     del first_chunk
@@ -359,7 +363,7 @@ def measure_variant(model: LoadedModel, options: StreamOptions, wave: torch.Tens
 
 def variants(base: StreamOptions, device: torch.device) -> list[StreamOptions]:
     """Baseline, then each optimisation added in turn, for --compare."""
-    out = [StreamOptions(pipelined=False, compile_backend=base.compile_backend)]
+    out = [StreamOptions(pipelined=False, compile_backend=base.compile_backend, split_threads=base.split_threads)]
     out.append(dataclasses.replace(out[-1], pipelined=True))
     out.append(dataclasses.replace(out[-1], compile=True))
     if device.type == "cuda":
@@ -367,10 +371,32 @@ def variants(base: StreamOptions, device: torch.device) -> list[StreamOptions]:
     return out
 
 
+def variant_in_subprocess(args: list[str], options: StreamOptions) -> dict[str, Any]:
+    """FPS and first-frame latency of one set of switches, measured by `livetalk bench ARGS --speed-only`
+    in a fresh process: threads, compile caches and allocator state of one variant must not leak
+    into the next (on CPU a second thread's OpenMP team slowed later sequential runs by ~20 %)."""
+    flags = ["--pipelined" if options.pipelined else "--sequential",
+             "--compile" if options.compile else "--no-compile",
+             "--cuda-graphs" if options.cuda_graphs else "--no-cuda-graphs",
+             "--split-threads" if options.split_threads else "--no-split-threads",
+             "--compile-backend", options.compile_backend]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "variant.json"
+        cmd = [sys.executable, "-m", "livetalk_cli", "bench", *args, *flags, "--speed-only", "--json", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"bench variant '{options.label()}' failed: {last}")
+        r = json.loads(out.read_text())
+    return {"options": options.label(), "fps": r["fps"], "first_frame_s": r["first_frame_s"]}
+
+
 def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
               on_status: Callable[[str], None] | None = None,
-              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Every figure of `livetalk bench` as one JSON-able dict."""
+              on_progress: Callable[[int, int], None] | None = None,
+              run_variant: Callable[[StreamOptions], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every figure of `livetalk bench` as one JSON-able dict. `--compare` rows come from
+    `run_variant` (the CLI: `variant_in_subprocess`)."""
     s.validate()
     model = configure(model, s)
     cfg, device = model.cfg, model.device
@@ -406,6 +432,8 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
     main = measure_variant(model, options, wave, image, prompt, s)
     result["fps"], result["first_frame_s"] = main["fps"], main["first_frame_s"]
     result["realtime_factor"] = main["fps"]["median"] / cfg.fps
+    if s.speed_only:
+        return result
     status("per-stage times (sequential, eager, synchronised)")
     result["stages_s"] = stage_times(model, wave, image, prompt, s)
     status("FLOPs and the device's matmul rate")
@@ -415,10 +443,12 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
     result["flops"] = {**fl, "matmul_flop_per_s": rate, "floor_fps": rate / per_frame,
                        "floor_first_frame_s": fl["first_frame"] / rate}
     if s.compare:
+        if run_variant is None:
+            raise UserError("--compare needs a way to run each variant (the CLI runs them in fresh processes)")
         rows = []
         for v in variants(options, device):
-            status(f"comparing: {v.label()}")
-            rows.append(measure_variant(model, v, wave, image, prompt, s))
+            status(f"comparing: {v.label()} (a fresh process)")
+            rows.append(run_variant(v))
         base = rows[0]
         for r in rows:
             r["fps_gain"] = r["fps"]["median"] / base["fps"]["median"]

@@ -230,6 +230,10 @@ def bench(
     compile: CompileOpt = False,
     cuda_graphs: GraphsOpt = False,
     compile_backend: Annotated[str, typer.Option(help="torch.compile backend.", hidden=True)] = "inductor",
+    split_threads: Annotated[
+        bool, typer.Option("--split-threads/--no-split-threads",
+                           help="CPU pipeline: half the intra-op threads for the DiT thread, half for the decoder.")
+    ] = True,
     blocks: Annotated[int, typer.Option(help="Measured blocks per FPS run (>= 20).")] = 20,
     warmup: Annotated[int, typer.Option(help="Blocks of each FPS run before timing starts.")] = 3,
     repeats: Annotated[int, typer.Option(help="Repeats of every timing (median, min, max).")] = 3,
@@ -242,6 +246,7 @@ def bench(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here.")] = None,
+    speed_only: Annotated[bool, typer.Option("--speed-only", hidden=True)] = False,
 ) -> None:
     """Measure steady-state FPS, first-frame latency, per-stage times, memory and the FLOP floor.
 
@@ -261,7 +266,7 @@ def bench(
       stream; after the first 10 %, the median of the last quarter minus that of the first quarter
       is the growth, flat if within max(16 MB, 2 %).
     """
-    from livetalk_cli.bench import BenchSettings, run_bench
+    from livetalk_cli.bench import BenchSettings, run_bench, variant_in_subprocess
     from livetalk_cli.files import write_json_atomic
     from livetalk_cli.pipeline import load_model
     from livetalk_cli.sampling.stream import StreamOptions
@@ -270,13 +275,13 @@ def bench(
         settings = BenchSettings(
             height=height, width=width, steps=steps, block_frames=block_frames, sinks=sinks, window=window,
             blocks=blocks, warmup=warmup, repeats=repeats, stream_minutes=stream_minutes,
-            stage_blocks=stage_blocks, compare=compare,
+            stage_blocks=stage_blocks, compare=compare, speed_only=speed_only,
         )
         settings.validate()
         if json_out is not None and not json_out.parent.is_dir():
             raise UserError(f"output directory does not exist: {json_out.parent}")
         options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs,
-                                compile_backend=compile_backend)
+                                compile_backend=compile_backend, split_threads=split_threads)
         model = load_model(checkpoint=checkpoint, preset_name=preset, random_weights=random_weights,
                            device=device, dtype=dtype, seed=seed)
         if cuda_graphs and model.device.type != "cuda":
@@ -284,10 +289,18 @@ def bench(
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             task = progress.add_task("bench", total=None)
+            same_model = [*(["--checkpoint", str(checkpoint)] if checkpoint else []),
+                          *(["--preset", preset] if preset else []), *(["--random-weights"] if random_weights else []),
+                          "--device", device, "--dtype", dtype, "--seed", str(seed), "--blocks", str(blocks),
+                          "--warmup", str(warmup), "--repeats", str(repeats)]
+            for flag, value in (("--height", height), ("--width", width), ("--steps", steps),
+                                ("--block-frames", block_frames), ("--sinks", sinks), ("--window", window)):
+                same_model += [flag, str(value)] if value is not None else []
             result = run_bench(
                 model, options, settings,
                 on_status=lambda text: progress.update(task, description=text, completed=0, total=None),
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                run_variant=lambda v: variant_in_subprocess(same_model, v),
             )
         if json_out is not None:
             write_json_atomic(json_out, result)
@@ -316,22 +329,25 @@ def print_bench(r: dict) -> None:
     t = Table(box=box.SIMPLE_HEAD, title="throughput and latency")
     for c in ("", "median", "min", "max", "note"):
         t.add_column(c, justify="left" if c in ("", "note") else "right")
-    fl = r["flops"]
     t.add_row("steady-state FPS", *span(r["fps"], ".2f"), f"{r['realtime_factor']:.2f}x real time ({mod['fps']} fps)")
     t.add_row("first frame (s)", *span(r["first_frame_s"], ".3f"), "stream start -> first generated frame on host")
     lb = r["latency_budget"]
     t.add_row("audio before start (s)", f"{lb['audio_before_first_block_s']:.3f}", "", "",
               f"algorithmic: block 0's frames + {lb['lookahead_s']:.3f} s look-ahead")
-    t.add_row("FLOP floor FPS", f"{fl['floor_fps']:.1f}", "", "",
-              f"{(fl['dit_per_frame'] + fl['vae_decode_per_frame']) / 1e9:.3g} GFLOP/frame over "
-              f"{fl['matmul_flop_per_s'] / 1e12:.3g} TFLOP/s matmul")
-    t.add_row("FLOP floor first frame (s)", f"{fl['floor_first_frame_s']:.4f}", "", "",
-              f"{fl['first_frame'] / 1e9:.3g} GFLOP to the first frame")
+    if "flops" in r:
+        fl = r["flops"]
+        t.add_row("FLOP floor FPS", f"{fl['floor_fps']:.1f}", "", "",
+                  f"{(fl['dit_per_frame'] + fl['vae_decode_per_frame']) / 1e9:.3g} GFLOP/frame over "
+                  f"{fl['matmul_flop_per_s'] / 1e12:.3g} TFLOP/s matmul")
+        t.add_row("FLOP floor first frame (s)", f"{fl['floor_first_frame_s']:.4f}", "", "",
+                  f"{fl['first_frame'] / 1e9:.3g} GFLOP to the first frame")
     ref = r["reference"]
     t.add_row("LiveTalk (published)", f"{ref['fps']:.2f} FPS", f"{ref['first_frame_s']:.2f} s", "", ref["source"],
               style="dim")
     out.print(t)
 
+    if "stages_s" not in r:  # --speed-only
+        return
     st = Table(box=box.SIMPLE_HEAD, title="per block, sequential eager, synchronised (s)")
     for c in ("stage", "median", "min", "max", "share"):
         st.add_column(c, justify="left" if c == "stage" else "right")

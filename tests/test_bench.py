@@ -104,10 +104,11 @@ def test_closing_a_pipelined_stream_early_stops_its_worker(model):
     wave, image = inputs(model)
     stream = AvatarStream(model, StreamOptions(pipelined=True))
     stream.start(image, "", seed=0)
-    before = threading.active_count()
+    before, threads = threading.active_count(), torch.get_num_threads()
     chunks = stream_video(stream, wave, 50)
     next(chunks)
     chunks.close()  # returns only once the worker has left the stream
+    assert torch.get_num_threads() == threads  # the CPU thread split is undone
     assert stream.block < 50  # bounded queue: the worker did not run to the end
     assert first_frame_latency(stream, wave, image, "") > 0  # the stream restarts cleanly
     assert threading.active_count() == before + 1  # one DiT thread per stream, reused
