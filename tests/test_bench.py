@@ -188,3 +188,25 @@ def test_cuda_graphs_and_cuda_stream_pipeline_match_eager():
     eager = run_stream(m, StreamOptions(pipelined=False))
     graphs = run_stream(m, StreamOptions(pipelined=True, cuda_graphs=True))
     assert np.abs(eager.astype(int) - graphs.astype(int)).max() <= 1
+
+
+def test_cuda_graph_argument_slots_round_trip():
+    """What CudaGraphed copies into static buffers (the capture itself needs CUDA)."""
+    from livetalk_cli.models.dit import Conditioning
+    from livetalk_cli.sampling.accel import _flatten, _signature, _unflatten
+
+    module, cache = torch.nn.Linear(2, 2), object()
+    cond = Conditioning([(torch.ones(1, 3), torch.zeros(1, 3))], None, torch.ones(2))
+    args = (module, cache, torch.randn(4), cond)
+    leaves: list[torch.Tensor] = []
+    tree = _flatten(args, leaves)
+    assert len(leaves) == 4  # noise, text k, text v, audio; modules and the cache are kept by identity
+    back = _unflatten(tree, [t.clone() for t in leaves])
+    assert back[0] is module and back[1] is cache and back[3].y is None
+    assert torch.equal(back[3].text_kv[0][0], cond.text_kv[0][0]) and back[3].text_kv[0][0] is not cond.text_kv[0][0]
+    same: list[torch.Tensor] = []
+    assert _signature(_flatten(args, same), same) == _signature(tree, leaves)
+    for changed in ((module, cache, torch.randn(5), cond),  # a new shape: re-capture
+                    (module, cache, torch.randn(4), Conditioning(cond.text_kv, torch.ones(1), cond.audio))):
+        other: list[torch.Tensor] = []
+        assert _signature(_flatten(changed, other), other) != _signature(tree, leaves)

@@ -60,8 +60,19 @@ class _Cond:
     audio: Any
 
 
+def _structure(tree: Any) -> Any:
+    """The argument structure: tensor slots by index, other objects (modules, the cache) by identity."""
+    if isinstance(tree, _Leaf):
+        return ("tensor", tree.index)
+    if isinstance(tree, _Cond):
+        return ("cond", _structure(tree.text_kv), _structure(tree.y), _structure(tree.audio))
+    if isinstance(tree, list | tuple):
+        return (type(tree).__name__, *(_structure(x) for x in tree))
+    return ("object", id(tree))
+
+
 def _signature(tree: Any, leaves: list[Tensor]) -> tuple:
-    return (repr(tree), tuple((t.shape, t.dtype, t.device) for t in leaves))
+    return (_structure(tree), tuple((t.shape, t.dtype, t.device) for t in leaves))
 
 
 class CudaGraphed:
