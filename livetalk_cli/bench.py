@@ -39,6 +39,7 @@ from livetalk_cli.sampling.stream import (
     AvatarStream,
     StreamOptions,
     block_video_range,
+    blocks_for_video_frames,
     frames_to_uint8,
     stream_video,
 )
@@ -268,7 +269,7 @@ def stage_times(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, pro
                 noise = stream.block_noise()
                 with torch.no_grad():
                     x0, cond = stream.sampler.denoise(noise, audio)
-                video, t_decode = timed(lambda x0=x0: frames_to_uint8(torch.cat(stream.decode(x0), dim=2)))
+                video, t_decode = timed(lambda x0=x0: frames_to_uint8(torch.cat(list(stream.decode(x0)), dim=2)))
                 stream.refill(x0, cond)
                 if keep:
                     rows["audio features"].append(t_audio)
@@ -293,8 +294,7 @@ def flops(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, prompt: s
     with FlopCounterMode(display=False) as first_counter:  # start, the first block's passes, its first chunk
         stream.start(image, prompt, seed=0)
         x0, cond = stream.sample(wave)
-        first_chunk = stream.decode(x0[:, :, :2])  # the first-frame chunk only
-    del first_chunk
+        next(stream.decode(x0))  # the first-frame chunk only
     stream = AvatarStream(model, StreamOptions(pipelined=False))
     stream.start(image, prompt, seed=0)
     needed = 1 + (cfg.stream.sink_frames + cfg.stream.window_frames) // cfg.stream.block_frames
@@ -305,7 +305,7 @@ def flops(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, prompt: s
         x0, cond = stream.sample(wave)
         stream.refill(x0, cond)
     with FlopCounterMode(display=False) as vae_counter:
-        stream.decode(x0)
+        list(stream.decode(x0))
     return {
         "dit_per_frame": dit_counter.get_total_flops() / frames,
         "vae_decode_per_frame": vae_counter.get_total_flops() / frames,
@@ -320,17 +320,14 @@ def memory_stream(model: LoadedModel, options: StreamOptions, wave_fn: Callable[
     cfg = model.cfg
     stream = AvatarStream(model, options)
     frames_needed = int(minutes * 60 * cfg.fps)
-    bf, tf = cfg.stream.block_frames, cfg.vae.temporal_factor
-    n_blocks = 1
-    while block_video_range(n_blocks - 1, bf, tf)[1] < frames_needed:
-        n_blocks += 1
+    n_blocks = blocks_for_video_frames(frames_needed, cfg.stream.block_frames, stream.tf)
     wave = wave_fn(frames_needed)
     stream.start(image, prompt, seed=0)
     samples: list[float] = []
     got, blocks_done = 0, 0
     for chunk in stream_video(stream, wave, n_blocks):
         got += len(frames_to_uint8(chunk))
-        if got >= block_video_range(blocks_done, bf, tf)[1]:
+        if got >= frames_of_blocks(blocks_done + 1, stream):
             blocks_done += 1
             samples.append(memory_mb(model.device))
             if on_progress is not None:

@@ -175,14 +175,30 @@ class AvatarStream:
         """Latents (1, C, f, h, w) → video (1, 3, T, H, W) in [-1, 1], continuing the VAE stream."""
         return self.model.vae.decode_step(z.to(self.vae_dtype), self.vae_cache)
 
-    def decode(self, x0: Tensor) -> list[Tensor]:
-        """A sampled block's latents → its video chunks (1, 3, T, H, W), see `decode_parts`."""
-        return [self.decode_part(p) for p in self.decode_parts(x0.to(self.vae_dtype))]
+    def decode(self, x0: Tensor, ready: Any = None, vae_stream: Any = None) -> Iterator[Tensor]:
+        """A sampled block's latents → its video chunks (1, 3, T, H, W), one per `decode_parts` chunk,
+        each yielded as soon as it is decoded. On GPU with `vae_stream`: decoded on that stream after
+        the DiT's `ready` event, and the caller's stream waits for each chunk."""
+        if vae_stream is None:
+            z = x0.to(self.vae_dtype)
+        else:
+            with torch.cuda.stream(vae_stream):
+                vae_stream.wait_event(ready)
+                x0.record_stream(vae_stream)  # x0 was allocated on the DiT's stream
+                z = x0.to(self.vae_dtype)
+        for part in self.decode_parts(z):
+            if vae_stream is None:
+                yield self.decode_part(part)
+                continue
+            with torch.cuda.stream(vae_stream):
+                video = self.decode_part(part)
+            torch.cuda.current_stream().wait_stream(vae_stream)  # the caller reads the frames
+            yield video
 
     def next_block(self, wave: Tensor) -> Tensor:
         """sample → decode → refill: the next block's video (1, 3, T, H, W)."""
         x0, cond = self.sample(wave)
-        video = self.decode(x0)
+        video = list(self.decode(x0))
         self.refill(x0, cond)
         return torch.cat(video, dim=2)
 
@@ -197,7 +213,7 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
     if not stream.options.pipelined:
         for _ in range(num_blocks):
             x0, cond = stream.sample(wave)
-            yield from _decode_chunks(stream, x0, None, None)
+            yield from stream.decode(x0)
             stream.refill(x0, cond)
         return
     cuda = stream.model.device.type == "cuda"
@@ -251,7 +267,7 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
                 break
             if kind == "error":
                 raise x0
-            for chunk in _decode_chunks(stream, x0, ready, vae_stream):
+            for chunk in stream.decode(x0, ready, vae_stream):
                 first_out.set()
                 yield chunk
     finally:
@@ -259,21 +275,3 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
         done.result()  # the worker has left `produce` (its errors were handed over above)
         torch.set_num_threads(total_threads)
 
-
-def _decode_chunks(stream: AvatarStream, x0: Tensor, ready: Any, vae_stream: Any) -> Iterator[Tensor]:
-    """Decode a block chunk by chunk (on GPU on `vae_stream`, after the DiT's `ready` event)."""
-    if vae_stream is None:
-        z = x0.to(stream.vae_dtype)
-    else:
-        with torch.cuda.stream(vae_stream):
-            vae_stream.wait_event(ready)
-            x0.record_stream(vae_stream)  # x0 was allocated on the DiT's stream
-            z = x0.to(stream.vae_dtype)
-    for part in stream.decode_parts(z):
-        if vae_stream is None:
-            yield stream.decode_part(part)
-            continue
-        with torch.cuda.stream(vae_stream):
-            video = stream.decode_part(part)
-        torch.cuda.current_stream().wait_stream(vae_stream)  # the caller reads the frames
-        yield video
