@@ -163,7 +163,7 @@ def render(
 def distill(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (or a folder holding recipe.yaml).")],
     stage: Annotated[
-        str | None, typer.Option(help="Run only this stage: vae, teacher, trajectories, ode_init or dmd.")
+        str | None, typer.Option(help="Run only this stage: vae, decoder, teacher, trajectories, ode_init or dmd.")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Override every training stage's step count.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (overrides the recipe's `out`).")] = None,

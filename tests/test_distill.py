@@ -62,6 +62,49 @@ def seed_run_folder(src: Path, dst: Path, *parts: str) -> Path:
     return dst
 
 
+# --- 2. the decoder stage's losses --------------------------------------------------------
+
+
+def test_mouth_map_is_the_metrics_mouth_count():
+    """The differentiable map the decoder stage trains on sums to what the lip-sync metric measures."""
+    from livetalk_cli.config import preset
+    from livetalk_cli.distill.data import video_tensor, world_clip
+    from livetalk_cli.distill.vae_stage import mouth_map
+    from livetalk_cli.world.metrics import measure_mouth_open
+
+    clip = world_clip(preset("demo"), 7, 9)
+    video = video_tensor(clip.frames)[None]
+    ours = mouth_map(video).mean(dim=(2, 3))[0].numpy()
+    theirs = measure_mouth_open(clip.frames)
+    assert theirs.max() > 5 * theirs.min() + 1e-4  # the mouth moves in this clip
+    assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)
+
+
+def test_decoder_loss_trains_the_decoder_only():
+    from livetalk_cli.config import preset
+    from livetalk_cli.distill.vae_stage import FrozenEncoderAutoencoder, decoder_loss, mouth_map
+    from livetalk_cli.models.vae import WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE(preset("tiny").vae)
+    model = FrozenEncoderAutoencoder(vae)
+    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    video[:, :, :, 12:18, 10:20] = torch.tensor([70.0, 12.0, 28.0]).view(1, 3, 1, 1, 1) / 127.5 - 1  # a mouth
+    eps = torch.randn(2, 4, 2, 4, 4)
+    loss, parts = decoder_loss(model, video, eps, mouth_weight=20.0, mouth_map_weight=1.0, dilate=2)
+    loss.backward()
+    assert all(p.grad is None for p in [*vae.encoder.parameters(), *vae.conv1.parameters()])
+    assert all(p.grad is not None for p in [*vae.decoder.parameters(), *vae.conv2.parameters()])
+    # without the mouth terms it is the plain L1 + MSE of the reconstruction
+    plain, parts0 = decoder_loss(model, video, eps, mouth_weight=0.0, mouth_map_weight=0.0, dilate=2)
+    recon = model(video, eps).detach()
+    assert float(plain) == pytest.approx(float((recon - video).abs().mean() + (recon - video).square().mean()),
+                                         rel=1e-5)
+    assert parts0["mouth"] == pytest.approx(float((mouth_map(recon) - mouth_map(video)).abs().mean() * 100), rel=1e-5)
+    # the mouth weighting moves the pixel loss toward the mouth's error
+    assert parts["l1"] != pytest.approx(parts0["l1"], rel=1e-3)
+
+
 # --- 3. every stage end to end ------------------------------------------------------------
 
 
@@ -101,7 +144,7 @@ def test_every_stage_end_to_end(tiny_run):
         sd = model.dit.state_dict()
         assert trained.keys() == sd.keys()
         assert all(torch.equal(sd[k].float(), trained[k].float()) for k in trained), folder
-        vae = load_file(str(out / "vae" / "vae.safetensors"))
+        vae = load_file(str(out / "decoder" / "vae.safetensors"))  # the fine-tuned decoder ships
         assert all(torch.equal(model.vae.state_dict()[k].float(), v.float()) for k, v in vae.items())
         students[folder] = sd
     # the generator step moved the DMD student away from its ODE initialisation
@@ -119,8 +162,21 @@ def test_every_stage_end_to_end(tiny_run):
     assert all("critic_loss" in rec and rec["critic_lr"] == d.critic_optim.lr for rec in log)
     assert json.loads((out / "dmd" / "done.json").read_text())["ema"] is True  # ema_start 1 < 3 steps
 
+    # decoder stage: the encoder (so every latent made from it) is untouched, the decoder moved
+    base, tuned = load_file(str(out / "vae" / "vae.safetensors")), load_file(str(out / "decoder" / "vae.safetensors"))
+    assert base.keys() == tuned.keys()
+    frozen = [k for k in base if k.startswith(("encoder.", "conv1."))]
+    trained = [k for k in base if k.startswith(("decoder.", "conv2."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(base)
+    assert all(torch.equal(base[k], tuned[k]) for k in frozen)
+    assert any(not torch.equal(base[k], tuned[k]) for k in trained)
+    done = json.loads((out / "decoder" / "done.json").read_text())
+    assert done["eval_clips"] == 1
+    assert -1 <= done["roundtrip_lip_sync_before"] <= 1 and -1 <= done["roundtrip_lip_sync_after"] <= 1
+
     # every logged number of every training stage is finite, and the losses are there
-    for stage, key in (("vae", "l1"), ("teacher", "loss"), ("ode_init", "loss"), ("dmd", "critic_loss")):
+    for stage, key in (("vae", "l1"), ("decoder", "mouth"), ("teacher", "loss"), ("ode_init", "loss"),
+                       ("dmd", "critic_loss")):
         records = read_log(out / stage / "log.jsonl")
         assert len(records) == getattr(r, stage).steps and all(key in rec for rec in records), stage
         for rec in records:
@@ -267,7 +323,7 @@ def test_report_on_a_run(tiny_run, tmp_path):
     recipe_path, out = tiny_run
     ctx = StageContext(load_recipe(recipe_path, out=out), Ranks(0, 1, torch.device("cpu")))
     rep = build_report(ctx, tmp_path / "report", clips=2, stream_seconds=2.0, identities=1, speed_seconds=1.0)
-    assert set(rep["models"]) == {"ground_truth", "teacher", "ode_init", "dmd"}
+    assert set(rep["models"]) == {"ground_truth", "vae_roundtrip", "teacher", "ode_init", "dmd"}
     assert rep["models"]["ground_truth"]["lip_sync_corr"]["mean"] > 0.5  # the world's own clips
     assert rep["models"]["ground_truth"]["lip_sync_corr"]["n"] == 2
     fl = rep["flops"]

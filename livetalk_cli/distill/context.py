@@ -81,8 +81,13 @@ class StageContext:
                                   seed=self.recipe.seed).to(self.device)
 
     def load_vae(self) -> WanVAE:
+        """The trained VAE, with the `decoder` stage's fine-tuned decoder once that stage is done
+        (the encoder is the same, so latents made before stay valid)."""
         vae = WanVAE(self.model_config().vae)
-        vae.load_state_dict(require(self.out / "vae" / "vae.safetensors", "the vae stage"))
+        path = self.out / "decoder" / "vae.safetensors"
+        if not (stage_done(self, "decoder") and path.is_file()):
+            path = self.out / "vae" / "vae.safetensors"
+        vae.load_state_dict(require(path, "the vae stage"))
         return vae.to(self.device).eval().requires_grad_(False)
 
     def new_dit(self, seed_offset: int = 0) -> WanDiT:
@@ -147,6 +152,8 @@ def stage_modules(recipe: Recipe, device: torch.device | str = "meta") -> dict[s
         out: dict[str, dict[str, nn.Module]] = {}
         if "vae" in recipe.stages:
             out["vae"] = {"vae": WanVAE(cfg.vae)}
+        if "decoder" in recipe.stages:
+            out["decoder"] = {"vae": WanVAE(cfg.vae)}
         if "teacher" in recipe.stages:
             out["teacher"] = {"teacher": FlowModel(dit())}
         if "trajectories" in recipe.stages:

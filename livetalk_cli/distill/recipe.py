@@ -28,7 +28,8 @@ from livetalk_cli.config import ModelConfig, preset
 from livetalk_cli.errors import UserError
 from livetalk_cli.sampling.schedule import sampling_sigmas
 
-STAGES = ("vae", "teacher", "trajectories", "ode_init", "dmd")
+STAGES = ("vae", "decoder", "teacher", "trajectories", "ode_init", "dmd")
+TRAINING_STAGES = ("vae", "decoder", "teacher", "ode_init", "dmd")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,6 +95,23 @@ class VAEStage(LoopConfig):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DecoderStage(LoopConfig):
+    """Fine-tune the VAE decoder with the encoder frozen, so latents, teacher and students stay
+    valid (the pattern of decoder-only VAE fine-tunes). Whole frames; extra loss on the mouth:
+    every pixel's L1 + MSE weighs 1 + `mouth_weight` x the target's mouth mask (the soft
+    mouth-interior map, dilated by `mouth_dilate` pixels to take in the lips), and
+    `mouth_map_weight` x the mean |map(output) - map(target)| in percent of the frame (world only).
+    `eval_clips` held-out clips measure the round-trip lip-sync before and after."""
+
+    clip_frames: int = 17
+    mouth_weight: float = 20.0
+    mouth_map_weight: float = 1.0
+    mouth_dilate: int = 2
+    eval_clips: int = 12
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TeacherStage(LoopConfig):
     """Bidirectional flow-matching teacher. `checkpoint` = use an existing teacher, do not train."""
 
@@ -153,6 +171,7 @@ class Recipe:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # how models are wrapped under torchrun
     world: WorldDataConfig = field(default_factory=WorldDataConfig)
     vae: VAEStage = field(default_factory=VAEStage)
+    decoder: DecoderStage = field(default_factory=DecoderStage)
     teacher: TeacherStage = field(default_factory=TeacherStage)
     trajectories: TrajectoryStage = field(default_factory=TrajectoryStage)
     ode_init: ODEInitStage = field(default_factory=ODEInitStage)
@@ -180,8 +199,7 @@ def load_recipe(path: Path, *, out: Path | None = None, max_steps: int | None = 
         recipe = dataclasses.replace(recipe, out=Path(out))
     if max_steps is not None:
         _check(max_steps >= 0, "--max-steps must be >= 0")
-        changes = {s: dataclasses.replace(getattr(recipe, s), steps=max_steps)
-                   for s in ("vae", "teacher", "ode_init", "dmd")}
+        changes = {s: dataclasses.replace(getattr(recipe, s), steps=max_steps) for s in TRAINING_STAGES}
         recipe = dataclasses.replace(recipe, **changes)
     return recipe
 
@@ -207,7 +225,7 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
 def _validate(r: Recipe) -> None:
     unknown = [s for s in r.stages if s not in STAGES]
     _check(not unknown, f"stages: unknown stage(s) {unknown}; stages are {list(STAGES)}")
-    for name in ("vae", "teacher", "ode_init", "dmd"):
+    for name in TRAINING_STAGES:
         stage = getattr(r, name)
         stage.validate_loop(name)
         for f in dataclasses.fields(stage):
@@ -217,12 +235,16 @@ def _validate(r: Recipe) -> None:
     sf = r.model.vae.spatial_factor
     _check(r.vae.crop == 0 or (r.vae.crop % sf == 0 and r.vae.crop <= min(r.model.height, r.model.width)),
            f"vae.crop must be 0 or a multiple of {sf} no larger than the frame")
-    clip_lengths = [("world.clip_frames", r.world.clip_frames), ("vae.clip_frames", r.vae.clip_frames)]
+    clip_lengths = [("world.clip_frames", r.world.clip_frames), ("vae.clip_frames", r.vae.clip_frames),
+                    ("decoder.clip_frames", r.decoder.clip_frames)]
     if r.vae.long_clip_frames:
         clip_lengths.append(("vae.long_clip_frames", r.vae.long_clip_frames))
     for where, frames in clip_lengths:
         _check(frames >= 1 + tf and (frames - 1) % tf == 0, f"{where} must be 1 + {tf}k frames (k >= 1)")
     _check(r.vae.long_clip_from >= 0, "vae.long_clip_from must be >= 0")
+    d = r.decoder
+    _check(d.mouth_weight >= 0 and d.mouth_map_weight >= 0 and d.mouth_dilate >= 0 and d.eval_clips >= 0,
+           "decoder: mouth_weight, mouth_map_weight, mouth_dilate, eval_clips must be >= 0")
     latents = 1 + (r.world.clip_frames - 1) // tf
     bf = r.model.stream.block_frames
     _check(latents % bf == 0, f"world.clip_frames gives {latents} latent frames, not a multiple of block "

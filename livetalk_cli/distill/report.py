@@ -6,6 +6,8 @@ Methods (also written into the report):
   Each model sees the clip's reference image, prompt and audio; the metrics (world/metrics.py)
   compare its frames with the clip's audio and reference. Means with a 95 % interval
   (mean +- 1.96 sd / sqrt(n)).
+* VAE round trip: the clip encoded and decoded by the run's VAE, about the ceiling of every model
+  that works in its latent space.
 * Teacher: bidirectional, `trajectories.num_steps` Euler steps with CFG (2 forwards per step),
   whole clip decoded at once. Students: the streaming path `livetalk render` uses (4 steps + refill
   per 3-latent block, KV cache with identity sinks, streaming VAE).
@@ -13,8 +15,9 @@ Methods (also written into the report):
   (teacher: one forward x 2 x steps / video frames of the clip; student: one steady-state block
   (cache full) / its video frames). VAE decode FLOPs per frame separately.
 * First-frame latency (this machine): from the call that starts generation (models loaded) to the
-  first generated frames leaving the decoder. Teacher: the whole sampling + decoding the clip;
-  student: stream start + block 0 + its decode.
+  first generated frame on the host. Teacher: the whole sampling + decoding the clip; student: the
+  `livetalk render` pipeline (`stream_video`), stream start + block 0 + the decode of its first
+  chunk.
 * Sinks: 60-s streams of held-out identities with the model's sinks vs the same cache size without
   sinks; identity error per 10-s window and its drift per minute.
 """
@@ -37,10 +40,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from livetalk_cli.distill.context import StageContext
 from livetalk_cli.distill.data import clip_audio_features, video_tensor, world_clip
 from livetalk_cli.distill.flow import FlowModel
+from livetalk_cli.distill.vae_stage import roundtrip_frames
 from livetalk_cli.files import write_text_atomic
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.pipeline import LoadedModel, load_model
-from livetalk_cli.sampling.stream import AvatarStream, frames_to_uint8
+from livetalk_cli.sampling.stream import AvatarStream, blocks_for_video_frames, frames_to_uint8, stream_video
 from livetalk_cli.sampling.teacher import teacher_sample
 from livetalk_cli.world.metrics import evaluate_video, identity_error
 
@@ -55,16 +59,21 @@ def ci95(values: list[float]) -> dict[str, float]:
 
 def stream_frames(model: LoadedModel, reference: np.ndarray, prompt: str, audio: np.ndarray, num_frames: int,
                   seed: int) -> tuple[np.ndarray, float]:
-    """Stream a clip the way `render` does → (frames (T,H,W,3) uint8, first-block latency s)."""
+    """Stream a clip the way `livetalk render` does (`stream_video`, pipelined) → (frames
+    (T,H,W,3) uint8, seconds from stream start to the first generated frame on the host)."""
     stream = AvatarStream(model)
     wave = torch.from_numpy(audio)
+    blocks = blocks_for_video_frames(num_frames, model.cfg.stream.block_frames, stream.tf)
     t0 = time.perf_counter()
     stream.start(video_tensor(reference[None])[:, 0], prompt, seed)
-    out, first = [], None
-    while sum(len(f) for f in out) < num_frames:
-        out.append(frames_to_uint8(stream.next_block(wave)))
-        first = first if first is not None else time.perf_counter() - t0
-    return np.concatenate(out)[:num_frames], float(first)
+    out: list[np.ndarray] = []
+    first = None
+    for chunk in stream_video(stream, wave, blocks):
+        out.append(frames_to_uint8(chunk))
+        if first is None and sum(len(f) for f in out) >= 2:  # frame 0 is the reference
+            first = time.perf_counter() - t0
+    stream.close()
+    return np.concatenate(out)[:num_frames], float(first if first is not None else "nan")
 
 
 @torch.no_grad()
@@ -180,11 +189,11 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
     cfg, tr = base.cfg, r.trajectories
     frames_n = r.world.clip_frames
     rows: dict[str, dict[str, list[float]]] = {k: {m: [] for m in METRICS}
-                                               for k in ("ground_truth", "teacher", *students)}
+                                               for k in ("ground_truth", "vae_roundtrip", "teacher", *students)}
     latency: dict[str, list[float]] = {k: [] for k in ("teacher", *students)}
     for i in range(clips):
         clip = world_clip(cfg, r.world.heldout_seed + i, frames_n)
-        outputs = {"ground_truth": clip.frames}
+        outputs = {"ground_truth": clip.frames, "vae_roundtrip": roundtrip_frames(base.vae, clip.frames)}
         outputs["teacher"], lat = teacher_frames(base, teacher, clip, frames_n, i, tr.num_steps, tr.shift, tr.guidance)
         latency["teacher"].append(lat)
         for name, model in students.items():

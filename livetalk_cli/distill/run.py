@@ -23,6 +23,10 @@ def _stage_fn(stage: str) -> Callable[[StageContext], None]:
         from livetalk_cli.distill.vae_stage import run_vae_stage
 
         return run_vae_stage
+    if stage == "decoder":
+        from livetalk_cli.distill.vae_stage import run_decoder_stage
+
+        return run_decoder_stage
     if stage == "teacher":
         from livetalk_cli.distill.teacher_stage import run_teacher_stage
 

@@ -1,4 +1,5 @@
 """Stage `vae`: the small causal VAE on world clips, then its latent mean/std, then the latent set.
+Stage `decoder`: the VAE's decoder fine-tuned with the encoder frozen and extra loss on the mouth.
 
 Loss per clip: L1 + MSE of the reconstruction (pixels in [-1, 1]) + `kl_weight` x KL of the
 posterior N(mu, exp(logvar)) against N(0, I). Whole clips go through the causal encoder and
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
@@ -28,6 +31,9 @@ from livetalk_cli.distill.trainer import (
 )
 from livetalk_cli.models.audio import build_audio_encoder
 from livetalk_cli.models.vae import WanVAE
+from livetalk_cli.sampling.stream import frames_to_uint8
+from livetalk_cli.world.face import mouth_colour_distance2
+from livetalk_cli.world.metrics import lip_sync
 
 log = logging.getLogger(__name__)
 LOGVAR_INIT = -6.0
@@ -129,3 +135,107 @@ def build_latent_set(ctx: StageContext) -> None:
                  rank=ctx.ranks.rank, world=ctx.ranks.world,
                  on_progress=lambda d, t: ctx.progress("latents", d, t))
     ctx.ranks.barrier()
+
+
+# --- stage `decoder` -------------------------------------------------------------------------
+
+
+class FrozenEncoderAutoencoder(nn.Module):
+    """Training view for the decoder: the encoder runs without gradients, the posterior sample
+    goes through the trainable `conv2` + decoder."""
+
+    def __init__(self, vae: WanVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: Tensor, eps: Tensor) -> Tensor:
+        with torch.no_grad():
+            mu, logvar = self.vae.conv1(self.vae.encoder(video, None), None).chunk(2, dim=1)
+            z = mu + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * eps
+        return self.vae.decoder(self.vae.conv2(z, None), None)
+
+
+def mouth_map(video: Tensor) -> Tensor:
+    """(B, 3, T, H, W) in [-1, 1] → (B, T, H, W): each pixel's weight in the lip-sync metric's
+    mouth-opening count (`metrics.measure_mouth_open`), exp(-d2 / 2), differentiable."""
+    return torch.exp(-0.5 * mouth_colour_distance2(((video + 1.0) * 127.5).movedim(1, -1)))
+
+
+def decoder_loss(model: nn.Module, video: Tensor, eps: Tensor, mouth_weight: float, mouth_map_weight: float,
+                 dilate: int) -> tuple[Tensor, dict[str, float]]:
+    """Mouth-weighted L1 + MSE (weights normalised to mean 1) + the mouth-map term."""
+    recon = model(video, eps)
+    target_map = mouth_map(video)
+    with torch.no_grad():
+        b, t, h, w = target_map.shape
+        region = target_map.reshape(b * t, 1, h, w)
+        if dilate:
+            region = F.max_pool2d(region, 2 * dilate + 1, stride=1, padding=dilate)
+        weight = 1.0 + mouth_weight * region.reshape(b, 1, t, h, w)
+        weight = weight / weight.mean()
+    l1 = ((recon - video).abs() * weight).mean()
+    mse = ((recon - video).square() * weight).mean()
+    mouth = (mouth_map(recon) - target_map).abs().mean() * 100.0
+    return l1 + mse + mouth_map_weight * mouth, {"l1": l1.item(), "mse": mse.item(), "mouth": mouth.item()}
+
+
+@torch.no_grad()
+def roundtrip_frames(vae: WanVAE, frames: np.ndarray) -> np.ndarray:
+    """uint8 (T, H, W, 3) → the same frames encoded and decoded by `vae` (posterior mean)."""
+    device = next(vae.parameters()).device
+    video = video_tensor(frames)[None].to(device)
+    return frames_to_uint8(vae.decode(vae.encode(video)))[: frames.shape[0]]
+
+
+def roundtrip_lip_sync(vae: WanVAE, ctx: StageContext, num_clips: int) -> float:
+    """Mean lip-sync correlation of held-out world clips encoded and decoded by `vae`: about the
+    ceiling any model in its latent space reaches on this metric."""
+    cfg = ctx.recipe.model
+    scores = []
+    for k in range(num_clips):
+        clip = world_clip(cfg, ctx.recipe.world.heldout_seed + k, ctx.recipe.world.clip_frames)
+        frames = roundtrip_frames(vae, clip.frames)
+        scores.append(lip_sync(frames, clip.audio, cfg.audio.sample_rate, cfg.fps).correlation)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def run_decoder_stage(ctx: StageContext) -> None:
+    r, ranks = ctx.recipe, ctx.ranks
+    st, directory = r.decoder, ctx.out / "decoder"
+    if stage_done(ctx, "decoder"):
+        return
+    cfg = ctx.model_config()
+    vae = ctx.load_vae()  # the vae stage's weights (this stage is not done yet)
+    before = roundtrip_lip_sync(vae, ctx, st.eval_clips) if ranks.main else float("nan")
+    params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    model = wrap(FrozenEncoderAutoencoder(vae), ranks, r.parallel)
+    opt = make_optimizer(params, st.optim)
+    state = TrainState({"vae": model}, {"vae": (model, opt)})
+    tf, sf = cfg.vae.temporal_factor, cfg.vae.spatial_factor
+    lat_shape = (cfg.vae.z_dim, 1 + (st.clip_frames - 1) // tf, cfg.height // sf, cfg.width // sf)
+
+    def step_fn(step: int) -> dict[str, float]:
+        def loss_fn(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
+            videos, eps = [], []
+            for i in chunk:
+                g = generator(r.seed, "decoder", step, i)
+                seed = int(torch.randint(r.world.train_clips, (1,), generator=g))
+                videos.append(video_tensor(world_clip(cfg, seed, st.clip_frames).frames))
+                eps.append(torch.randn(lat_shape, generator=g))
+            return decoder_loss(model, torch.stack(videos).to(ctx.device), torch.stack(eps).to(ctx.device),
+                                st.mouth_weight, st.mouth_map_weight, st.mouth_dilate)
+
+        return train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
+
+    run_loop(stage="decoder", directory=directory, loop=st, state=state, ranks=ranks, step_fn=step_fn,
+             meta={"stage": "decoder"}, samples_per_step=st.batch_size,
+             on_progress=lambda d, t, v: ctx.progress("decoder", d, t, v))
+    vae.eval().requires_grad_(False)
+    after = roundtrip_lip_sync(vae, ctx, st.eval_clips) if ranks.main else float("nan")
+    log.info("decoder: round-trip lip-sync %.3f -> %.3f on %d held-out clips", before, after, st.eval_clips)
+    save_weights(vae, directory / "vae.safetensors", ranks)
+    mark_done(ctx, "decoder", {"steps": st.steps, "roundtrip_lip_sync_before": before,
+                               "roundtrip_lip_sync_after": after, "eval_clips": st.eval_clips})
+    ranks.barrier()

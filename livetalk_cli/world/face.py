@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from livetalk_cli.world.raster import Canvas, background, below, ellipse, rotate, superellipse
 
+if TYPE_CHECKING:
+    import torch
+
 RGB = tuple[float, float, float]
+ArrayT = TypeVar("ArrayT", "np.ndarray", "torch.Tensor")
 
 MOUTH_INTERIOR_RGB: RGB = (70.0, 12.0, 28.0)
 HAIR_STYLES = ("short", "long", "bald", "fringe")
@@ -34,13 +39,15 @@ _SKIN_SHADES = (0.82, 0.9, 0.95)  # nose shadow, ears and neck, eyelids
 _LIP_LINE = 0.62  # the line between closed lips, as a fraction of the lip colour
 
 
-def mouth_colour_distance2(rgb: np.ndarray) -> np.ndarray:
+def mouth_colour_distance2(rgb: ArrayT) -> ArrayT:
     """Squared distance (..., 3) -> (...) to the mouth-interior colour in (L, R-G, B-G) space.
 
     L = (R+G+B)/3 is scaled by 1/40 and both chroma axes by 1/14 (values on 0..255), so the
     measure tolerates brightness changes (blur into the lips, codec luma error) but not hue.
+    A torch tensor stays a tensor (differentiable: the decoder stage's mouth loss uses it).
     """
-    rgb = np.asarray(rgb, np.float32)
+    if isinstance(rgb, np.ndarray) or not hasattr(rgb, "dtype"):  # numpy or a colour tuple
+        rgb = np.asarray(rgb, np.float32)
     ref = MOUTH_INTERIOR_RGB
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     dl = ((r + g + b) - (ref[0] + ref[1] + ref[2])) / (3.0 * _SIGMA_L)
