@@ -82,12 +82,12 @@ def test_mouth_map_is_the_metrics_mouth_count():
 
 def test_decoder_loss_trains_the_decoder_only():
     from livetalk_cli.config import preset
-    from livetalk_cli.distill.vae_stage import FrozenEncoderAutoencoder, decoder_loss, mouth_map
+    from livetalk_cli.distill.vae_stage import VAEAutoencoder, decoder_loss, mouth_map
     from livetalk_cli.models.vae import WanVAE
 
     torch.manual_seed(0)
     vae = WanVAE(preset("tiny").vae)
-    model = FrozenEncoderAutoencoder(vae)
+    model = VAEAutoencoder(vae, train_encoder=False)
     video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
     video[:, :, :, 12:18, 10:20] = torch.tensor([70.0, 12.0, 28.0]).view(1, 3, 1, 1, 1) / 127.5 - 1  # a mouth
     eps = torch.randn(2, 4, 2, 4, 4)
@@ -97,7 +97,7 @@ def test_decoder_loss_trains_the_decoder_only():
     assert all(p.grad is not None for p in [*vae.decoder.parameters(), *vae.conv2.parameters()])
     # without the mouth terms it is the plain L1 + MSE of the reconstruction
     plain, parts0 = decoder_loss(model, video, eps, mouth_weight=0.0, mouth_map_weight=0.0, dilate=2)
-    recon = model(video, eps).detach()
+    recon = model(video, eps)[0].detach()
     assert float(plain) == pytest.approx(float((recon - video).abs().mean() + (recon - video).square().mean()),
                                          rel=1e-5)
     assert parts0["mouth"] == pytest.approx(float((mouth_map(recon) - mouth_map(video)).abs().mean() * 100), rel=1e-5)

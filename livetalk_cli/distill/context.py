@@ -84,10 +84,8 @@ class StageContext:
         """The trained VAE, with the `decoder` stage's fine-tuned decoder once that stage is done
         (the encoder is the same, so latents made before stay valid)."""
         vae = WanVAE(self.model_config().vae)
-        path = self.out / "decoder" / "vae.safetensors"
-        if not (stage_done(self, "decoder") and path.is_file()):
-            path = self.out / "vae" / "vae.safetensors"
-        vae.load_state_dict(require(path, "the vae stage"))
+        stage = "decoder" if stage_done(self, "decoder") else "vae"
+        vae.load_state_dict(require(self.out / stage / "vae.safetensors", f"the {stage} stage"))
         return vae.to(self.device).eval().requires_grad_(False)
 
     def new_dit(self, seed_offset: int = 0) -> WanDiT:

@@ -40,17 +40,21 @@ LOGVAR_INIT = -6.0
 
 
 class VAEAutoencoder(nn.Module):
-    """Training view of `WanVAE`: video → (reconstruction, mu, logvar), unclamped."""
+    """Training view of `WanVAE`: video → (reconstruction, mu, logvar), unclamped. With
+    `train_encoder=False` (the decoder stage) the encoder and the posterior sample run without
+    gradients, so only `conv2` and the decoder learn."""
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, train_encoder: bool = True):
         super().__init__()
         self.vae = vae
+        self.train_encoder = train_encoder
 
     def forward(self, video: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z2 = self.vae.conv1(self.vae.encoder(video, None), None)
-        mu, logvar = z2.chunk(2, dim=1)
-        logvar = logvar.clamp(-30.0, 20.0)
-        z = mu + (0.5 * logvar).exp() * eps
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            z2 = self.vae.conv1(self.vae.encoder(video, None), None)
+            mu, logvar = z2.chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mu + (0.5 * logvar).exp() * eps
         return self.vae.decoder(self.vae.conv2(z, None), None), mu, logvar
 
 
@@ -140,21 +144,6 @@ def build_latent_set(ctx: StageContext) -> None:
 # --- stage `decoder` -------------------------------------------------------------------------
 
 
-class FrozenEncoderAutoencoder(nn.Module):
-    """Training view for the decoder: the encoder runs without gradients, the posterior sample
-    goes through the trainable `conv2` + decoder."""
-
-    def __init__(self, vae: WanVAE):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, video: Tensor, eps: Tensor) -> Tensor:
-        with torch.no_grad():
-            mu, logvar = self.vae.conv1(self.vae.encoder(video, None), None).chunk(2, dim=1)
-            z = mu + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * eps
-        return self.vae.decoder(self.vae.conv2(z, None), None)
-
-
 def mouth_map(video: Tensor) -> Tensor:
     """(B, 3, T, H, W) in [-1, 1] → (B, T, H, W): each pixel's weight in the lip-sync metric's
     mouth-opening count (`metrics.measure_mouth_open`), exp(-d2 / 2), differentiable."""
@@ -164,7 +153,7 @@ def mouth_map(video: Tensor) -> Tensor:
 def decoder_loss(model: nn.Module, video: Tensor, eps: Tensor, mouth_weight: float, mouth_map_weight: float,
                  dilate: int) -> tuple[Tensor, dict[str, float]]:
     """Mouth-weighted L1 + MSE (weights normalised to mean 1) + the mouth-map term."""
-    recon = model(video, eps)
+    recon = model(video, eps)[0]
     target_map = mouth_map(video)
     with torch.no_grad():
         b, t, h, w = target_map.shape
@@ -210,7 +199,7 @@ def run_decoder_stage(ctx: StageContext) -> None:
     params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
     for p in params:
         p.requires_grad_(True)
-    model = wrap(FrozenEncoderAutoencoder(vae), ranks, r.parallel)
+    model = wrap(VAEAutoencoder(vae, train_encoder=False), ranks, r.parallel)
     opt = make_optimizer(params, st.optim)
     state = TrainState({"vae": model}, {"vae": (model, opt)})
     tf, sf = cfg.vae.temporal_factor, cfg.vae.spatial_factor
