@@ -15,8 +15,7 @@ seed: 0
 device: cpu
 world: {train_clips: 4, clip_frames: 21}
 vae: {steps: 2, batch_size: 2, clip_frames: 5, stats_clips: 2, log_every: 1}
-decoder: {steps: 2, batch_size: 2, clip_frames: 9, chunk_latents: 1, ckpt_every: 2, eval_clips: 1,
-          eval_streams: 1, log_every: 1}
+decoder: {steps: 2, batch_size: 2, clip_frames: 5, eval_clips: 1, log_every: 1}
 teacher: {steps: 2, batch_size: 2, log_every: 1}
 trajectories: {num_samples: 2, num_steps: 4, keep_steps: [0, 1, 2, 3, 4], shard_size: 2, batch_size: 2}
 ode_init: {steps: 2, batch_size: 2, log_every: 1, plateau_window: 1}

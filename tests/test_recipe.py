@@ -83,10 +83,6 @@ def test_shipped_recipes_validate_and_build_at_real_scale():
         ("teacher.optim.schedule", "linear", ["teacher.optim.schedule"]),
         ("world.clip_frames", 44, ["world.clip_frames"]),
         ("vae.clip_frames", 4, ["vae.clip_frames"]),
-        ("decoder.chunk_latents", 3, ["decoder.chunk_latents"]),  # 2 latents after the first
-        ("decoder.chunk_latents", 0, ["decoder.chunk_latents"]),
-        ("decoder.ckpt_every", 3, ["decoder.ckpt_every", "2 chunks"]),
-        ("decoder.eval_streams", -1, ["eval_streams"]),
         ("stages", ["foo"], ["stages", "foo"]),
         ("stages", "vae", ["stages"]),
         ("trajectories.keep_steps", [0, 2, 4], ["trajectories", "student"]),

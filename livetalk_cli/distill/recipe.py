@@ -97,30 +97,17 @@ class VAEStage(LoopConfig):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DecoderStage(LoopConfig):
     """Fine-tune the VAE decoder with the encoder frozen, so latents, teacher and students stay
-    valid (the pattern of decoder-only VAE fine-tunes).
+    valid (the pattern of decoder-only VAE fine-tunes). Whole frames; extra loss on the mouth:
+    every pixel's L1 + MSE weighs 1 + `mouth_weight` x the target's mouth mask (the soft
+    mouth-interior map, dilated by `mouth_dilate` pixels to take in the lips), and
+    `mouth_map_weight` x the mean |map(output) - map(target)| in percent of the frame (world only).
+    `eval_clips` held-out clips measure the round-trip lip-sync before and after."""
 
-    Streams: every sample is a world stream of `clip_frames` frames, encoded in world-length
-    chunks and decoded `chunk_latents` latent frames per step with the decoder's cache carried
-    over, so the decoder trains in the steady state of an unbounded stream (whole short clips
-    only teach the first frames of one: the causal decoder's receptive field is about 100 frames).
-    `ckpt_every` must be a multiple of the chunks per stream (resumes then replay exactly).
-
-    Loss, whole frames, extra weight on the mouth: every pixel's L1 + MSE weighs
-    1 + `mouth_weight` x the target's mouth mask (the soft mouth-interior map, dilated by
-    `mouth_dilate` pixels to take in the lips), plus `mouth_map_weight` x the mean
-    |map(output) - map(target)| in percent of the frame (world only).
-
-    Before and after: round-trip lip-sync of `eval_clips` held-out clips, and the decode error
-    over `eval_streams` held-out streams of `clip_frames` frames."""
-
-    clip_frames: int = 257
-    chunk_latents: int = 4
-    ckpt_every: int = 64  # 4 streams of 16 chunks
+    clip_frames: int = 17
     mouth_weight: float = 20.0
     mouth_map_weight: float = 1.0
     mouth_dilate: int = 2
     eval_clips: int = 12
-    eval_streams: int = 4
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
 
 
@@ -256,17 +243,8 @@ def _validate(r: Recipe) -> None:
         _check(frames >= 1 + tf and (frames - 1) % tf == 0, f"{where} must be 1 + {tf}k frames (k >= 1)")
     _check(r.vae.long_clip_from >= 0, "vae.long_clip_from must be >= 0")
     d = r.decoder
-    _check(d.mouth_weight >= 0 and d.mouth_map_weight >= 0 and d.mouth_dilate >= 0 and d.eval_clips >= 0
-           and d.eval_streams >= 0,
-           "decoder: mouth_weight, mouth_map_weight, mouth_dilate, eval_clips, eval_streams must be >= 0")
-    stream_latents = (d.clip_frames - 1) // tf
-    _check(d.chunk_latents >= 1 and stream_latents % d.chunk_latents == 0,
-           f"decoder.chunk_latents must divide the {stream_latents} latent frames after the first of "
-           f"decoder.clip_frames")
-    if d.chunk_latents >= 1 and stream_latents % d.chunk_latents == 0:
-        chunks = stream_latents // d.chunk_latents
-        _check(d.ckpt_every % chunks == 0, f"decoder.ckpt_every must be a multiple of the {chunks} chunks per "
-                                          "stream (checkpoints on stream boundaries resume exactly)")
+    _check(d.mouth_weight >= 0 and d.mouth_map_weight >= 0 and d.mouth_dilate >= 0 and d.eval_clips >= 0,
+           "decoder: mouth_weight, mouth_map_weight, mouth_dilate, eval_clips must be >= 0")
     latents = 1 + (r.world.clip_frames - 1) // tf
     bf = r.model.stream.block_frames
     _check(latents % bf == 0, f"world.clip_frames gives {latents} latent frames, not a multiple of block "

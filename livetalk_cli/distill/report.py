@@ -7,9 +7,7 @@ Methods (also written into the report):
   compare its frames with the clip's audio and reference. Means with a 95 % interval
   (mean +- 1.96 sd / sqrt(n)).
 * VAE round trip: the clip encoded and decoded by the run's VAE, about the ceiling of every model
-  that works in its latent space. VAE stream: held-out streams of `decoder.clip_frames` frames
-  encoded in clip-length chunks and decoded block by block as `livetalk render` does; mean
-  |decoded - true| (0..255) over the first and the last second (a drifting decoder shows last >> first).
+  that works in its latent space.
 * Teacher: bidirectional, `trajectories.num_steps` Euler steps with CFG (2 forwards per step),
   whole clip decoded at once. Students: the streaming path `livetalk render` uses (4 steps + refill
   per 3-latent block, KV cache with identity sinks, streaming VAE).
@@ -42,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from livetalk_cli.distill.context import StageContext
 from livetalk_cli.distill.data import clip_audio_features, video_tensor, world_clip
 from livetalk_cli.distill.flow import FlowModel
-from livetalk_cli.distill.vae_stage import roundtrip_frames, stream_decode_error
+from livetalk_cli.distill.vae_stage import roundtrip_frames
 from livetalk_cli.files import write_text_atomic
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.pipeline import LoadedModel, load_model
@@ -213,8 +211,6 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
         "models": {k: {m: ci95(v) for m, v in d.items()} for k, d in rows.items()},
         "first_frame_latency_s": {k: ci95(v) for k, v in latency.items()},
     }
-    ctx.progress("report: vae stream", 0, 1)
-    report["vae_stream"] = stream_decode_error(base.vae, ctx, 4, r.decoder.clip_frames)
     ctx.progress("report: flops", 0, 1)
     report["flops"] = flops_per_frame(base, teacher, frames_n, tr.num_steps)
     final = students.get("dmd", base)
@@ -271,11 +267,6 @@ def markdown(rep: dict[str, Any]) -> str:
         cells = [f"{d[m]['mean']:.3f} ± {d[m]['ci95']:.3f}" for m in METRICS]
         first = f"{lat[name]['mean']:.3f}" if name in lat else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {first} |")
-    if "vae_stream" in rep:
-        vs = rep["vae_stream"]
-        lines += ["", f"VAE stream ({vs['clips']} held-out streams of {vs['frames']} frames, decoded block by block): "
-                  f"error {vs['first_s']:.1f} over the first second, {vs['last_s']:.1f} over the last "
-                  f"(0..255, mean |decoded - true|)."]
     fl = rep["flops"]
     lines += ["", "| DiT FLOPs per frame | value |", "|---|---|",
               f"| teacher | {fl['teacher_dit_per_frame'] / 1e9:.2f} GFLOP |",

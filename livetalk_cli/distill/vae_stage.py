@@ -1,6 +1,5 @@
 """Stage `vae`: the small causal VAE on world clips, then its latent mean/std, then the latent set.
-Stage `decoder`: the VAE's decoder fine-tuned with the encoder frozen, on long streams decoded
-chunk by chunk with the cache carried over (`DecoderStreams`), with extra loss on the mouth.
+Stage `decoder`: the VAE's decoder fine-tuned with the encoder frozen and extra loss on the mouth.
 
 Loss per clip: L1 + MSE of the reconstruction (pixels in [-1, 1]) + `kl_weight` x KL of the
 posterior N(mu, exp(logvar)) against N(0, I). Whole clips go through the causal encoder and
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from livetalk_cli.distill.trainer import (
     wrap,
 )
 from livetalk_cli.models.audio import build_audio_encoder
-from livetalk_cli.models.vae import VAEStreamCache, WanVAE
+from livetalk_cli.models.vae import WanVAE
 from livetalk_cli.sampling.stream import frames_to_uint8
 from livetalk_cli.world.face import mouth_colour_distance2
 from livetalk_cli.world.metrics import lip_sync
@@ -42,17 +40,21 @@ LOGVAR_INIT = -6.0
 
 
 class VAEAutoencoder(nn.Module):
-    """Training view of `WanVAE`: video → (reconstruction, mu, logvar), unclamped."""
+    """Training view of `WanVAE`: video → (reconstruction, mu, logvar), unclamped. With
+    `train_encoder=False` (the decoder stage) the encoder and the posterior sample run without
+    gradients, so only `conv2` and the decoder learn."""
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, train_encoder: bool = True):
         super().__init__()
         self.vae = vae
+        self.train_encoder = train_encoder
 
     def forward(self, video: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        z2 = self.vae.conv1(self.vae.encoder(video, None), None)
-        mu, logvar = z2.chunk(2, dim=1)
-        logvar = logvar.clamp(-30.0, 20.0)
-        z = mu + (0.5 * logvar).exp() * eps
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            z2 = self.vae.conv1(self.vae.encoder(video, None), None)
+            mu, logvar = z2.chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mu + (0.5 * logvar).exp() * eps
         return self.vae.decoder(self.vae.conv2(z, None), None), mu, logvar
 
 
@@ -148,9 +150,10 @@ def mouth_map(video: Tensor) -> Tensor:
     return torch.exp(-0.5 * mouth_colour_distance2(((video + 1.0) * 127.5).movedim(1, -1)))
 
 
-def decoder_loss(recon: Tensor, video: Tensor, mouth_weight: float, mouth_map_weight: float,
+def decoder_loss(model: nn.Module, video: Tensor, eps: Tensor, mouth_weight: float, mouth_map_weight: float,
                  dilate: int) -> tuple[Tensor, dict[str, float]]:
     """Mouth-weighted L1 + MSE (weights normalised to mean 1) + the mouth-map term."""
+    recon = model(video, eps)[0]
     target_map = mouth_map(video)
     with torch.no_grad():
         b, t, h, w = target_map.shape
@@ -163,121 +166,6 @@ def decoder_loss(recon: Tensor, video: Tensor, mouth_weight: float, mouth_map_we
     mse = ((recon - video).square() * weight).mean()
     mouth = (mouth_map(recon) - target_map).abs().mean() * 100.0
     return l1 + mse + mouth_map_weight * mouth, {"l1": l1.item(), "mse": mse.item(), "mouth": mouth.item()}
-
-
-class StreamingDecoder(nn.Module):
-    """Training view of the decoder as it runs in a stream: un-normalised latents (B,z,f,h,w) and
-    the stream's cache → frames, unclamped."""
-
-    def __init__(self, vae: WanVAE):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: Tensor, cache: VAEStreamCache) -> Tensor:
-        return self.vae.decoder(self.vae.conv2(z, None), cache)
-
-
-@torch.no_grad()
-def posterior_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> tuple[Tensor, Tensor]:
-    """(B,3,T,H,W), T = 1 + 4k → the posterior (mu, logvar), un-normalised, (B,z,1+k,h,w), with
-    the encoder restarted every `chunk_frames` frames (chunks share their boundary frame and each
-    later chunk drops its first latent). This is the latent distribution the DiT is trained on
-    (clips of the world's length) however long the video, so the decoder learns to decode what
-    the students generate rather than the encoder's own drift on long inputs."""
-    tf = vae.cfg.temporal_factor
-    step = chunk_frames - 1
-    parts = []
-    for s in range(0, video.shape[2] - 1, step):
-        z2 = vae.conv1(vae.encoder(video[:, :, s: s + chunk_frames], None), None)
-        parts.append(z2 if s == 0 else z2[:, :, 1:])
-    z2 = torch.cat(parts, dim=2)
-    assert z2.shape[2] == 1 + (video.shape[2] - 1) // tf
-    mu, logvar = z2.chunk(2, dim=1)
-    return mu, logvar.clamp(-30.0, 20.0)
-
-
-def chunk_frame_range(c: int, chunk_latents: int, tf: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Latent and frame ranges of chunk `c` of a stream: chunk 0 is latents [0, 1 + n) (the first
-    latent decodes to 1 frame), chunk c > 0 is latents [1 + c n, 1 + (c + 1) n)."""
-    lat = (0, 1 + chunk_latents) if c == 0 else (1 + c * chunk_latents, 1 + (c + 1) * chunk_latents)
-    frames = (0, 1 + tf * chunk_latents) if c == 0 else (1 + tf * (lat[0] - 1), 1 + tf * (lat[1] - 1))
-    return lat, frames
-
-
-class DecoderStreams:
-    """The decoder stage's data: every sample slot plays a long world stream, `chunk_latents`
-    latent frames per optimiser step, with the decoder's causal cache carried from step to step
-    (detached: gradients stay inside a chunk). The decoder so sees its cache in every state a
-    real stream reaches, its steady state included, at the cost of plain chunk training.
-
-    Slot i at step s plays chunk s mod n of stream s // n (n chunks per stream): the stream's
-    world seed and its posterior noise derive from (seed, stream, i). Checkpoints fall on stream
-    boundaries (the recipe checks `ckpt_every`), so a resumed run replays exactly."""
-
-    def __init__(self, ctx: StageContext, vae: WanVAE, model: nn.Module):
-        r = ctx.recipe
-        self.ctx, self.vae, self.model, self.st = ctx, vae, model, r.decoder
-        self.tf = vae.cfg.temporal_factor
-        self.latents = 1 + (self.st.clip_frames - 1) // self.tf
-        self.chunks = (self.latents - 1) // self.st.chunk_latents
-        self.live: dict[tuple[int, ...], tuple[int, Tensor, Tensor, VAEStreamCache]] = {}
-
-    def _start(self, stream: int, slots: tuple[int, ...]) -> tuple[int, Tensor, Tensor, VAEStreamCache]:
-        r, cfg, dev = self.ctx.recipe, self.ctx.recipe.model, self.ctx.device
-        videos, zs = [], []
-        for i in slots:
-            g = generator(r.seed, "decoder", stream, i)
-            seed = int(torch.randint(r.world.train_clips, (1,), generator=g))
-            video = video_tensor(world_clip(cfg, seed, self.st.clip_frames).frames)[None].to(dev)
-            mu, logvar = posterior_chunked(self.vae, video, r.world.clip_frames)
-            eps = torch.randn(mu.shape[1:], generator=g)[None].to(dev)
-            videos.append(video)
-            zs.append(mu + (0.5 * logvar).exp() * eps)
-        return stream, torch.cat(videos), torch.cat(zs), self.vae.new_decode_cache()
-
-    def loss(self, step: int, slots: list[int]) -> tuple[Tensor, dict[str, float]]:
-        stream, c = divmod(step, self.chunks)
-        key = tuple(slots)
-        live = self.live.get(key)
-        if live is None or live[0] != stream or c == 0:
-            live = self._start(stream, key)
-            with torch.no_grad():  # resumed mid-stream (only if ckpt_every was not aligned): replay
-                for k in range(c):
-                    (a, b), _ = chunk_frame_range(k, self.st.chunk_latents, self.tf)
-                    self.model(live[2][:, :, a:b], live[3])
-            self.live[key] = live
-        _, video, z, cache = live
-        (a, b), (fa, fb) = chunk_frame_range(c, self.st.chunk_latents, self.tf)
-        recon = self.model(z[:, :, a:b], cache)
-        cache.slots = [t.detach() if t is not None else None for t in cache.slots]
-        if c == self.chunks - 1:
-            del self.live[key]
-        return decoder_loss(recon, video[:, :, fa:fb], self.st.mouth_weight, self.st.mouth_map_weight,
-                            self.st.mouth_dilate)
-
-
-@torch.no_grad()
-def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_frames: int) -> dict[str, float]:
-    """Mean |decoded - true| (0..255) of held-out world streams of `num_frames` frames, encoded in
-    world-length chunks (`posterior_chunked`) and decoded block by block as `livetalk render`
-    does: over the first second, the last second and all frames. A decoder that drifts on long
-    streams shows last >> first."""
-    cfg = ctx.recipe.model
-    bf, fps = cfg.stream.block_frames, cfg.fps
-    errs = []
-    for k in range(num_clips):
-        clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 700_000 + k, num_frames)
-        video = video_tensor(clip.frames)[None].to(ctx.device)
-        mu = posterior_chunked(vae, video, ctx.recipe.world.clip_frames)[0]
-        mean, std = vae._stats(mu)
-        z = (mu - mean) / std
-        cache = vae.new_decode_cache()
-        out = np.concatenate([frames_to_uint8(vae.decode_step(z[:, :, s: s + bf], cache))
-                              for s in range(0, z.shape[2], bf)])[:num_frames]
-        errs.append(np.abs(out.astype(np.int16) - clip.frames.astype(np.int16)).mean(axis=(1, 2, 3)))
-    e = np.mean(errs, axis=0)
-    return {"first_s": float(e[1: 1 + fps].mean()), "last_s": float(e[-fps:].mean()), "all": float(e.mean()),
-            "frames": num_frames, "clips": num_clips}
 
 
 @torch.no_grad()
@@ -305,34 +193,38 @@ def run_decoder_stage(ctx: StageContext) -> None:
     st, directory = r.decoder, ctx.out / "decoder"
     if stage_done(ctx, "decoder"):
         return
-    vae = ctx.load_vae().requires_grad_(False)  # the vae stage's weights (this stage is not done yet)
-    before = decoder_eval(vae, ctx) if ranks.main else {}
+    cfg = ctx.model_config()
+    vae = ctx.load_vae()  # the vae stage's weights (this stage is not done yet)
+    before = roundtrip_lip_sync(vae, ctx, st.eval_clips) if ranks.main else float("nan")
     params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
     for p in params:
         p.requires_grad_(True)
-    model = wrap(StreamingDecoder(vae), ranks, r.parallel)
+    model = wrap(VAEAutoencoder(vae, train_encoder=False), ranks, r.parallel)
     opt = make_optimizer(params, st.optim)
     state = TrainState({"vae": model}, {"vae": (model, opt)})
-    streams = DecoderStreams(ctx, vae, model)
+    tf, sf = cfg.vae.temporal_factor, cfg.vae.spatial_factor
+    lat_shape = (cfg.vae.z_dim, 1 + (st.clip_frames - 1) // tf, cfg.height // sf, cfg.width // sf)
 
     def step_fn(step: int) -> dict[str, float]:
-        return train_step(model, opt, params, st.optim, st, step, ranks, lambda ch: streams.loss(step, ch),
-                          ctx.precision)
+        def loss_fn(chunk: list[int]) -> tuple[Tensor, dict[str, float]]:
+            videos, eps = [], []
+            for i in chunk:
+                g = generator(r.seed, "decoder", step, i)
+                seed = int(torch.randint(r.world.train_clips, (1,), generator=g))
+                videos.append(video_tensor(world_clip(cfg, seed, st.clip_frames).frames))
+                eps.append(torch.randn(lat_shape, generator=g))
+            return decoder_loss(model, torch.stack(videos).to(ctx.device), torch.stack(eps).to(ctx.device),
+                                st.mouth_weight, st.mouth_map_weight, st.mouth_dilate)
+
+        return train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
 
     run_loop(stage="decoder", directory=directory, loop=st, state=state, ranks=ranks, step_fn=step_fn,
              meta={"stage": "decoder"}, samples_per_step=st.batch_size,
              on_progress=lambda d, t, v: ctx.progress("decoder", d, t, v))
     vae.eval().requires_grad_(False)
-    after = decoder_eval(vae, ctx) if ranks.main else {}
-    log.info("decoder: before %s, after %s", before, after)
+    after = roundtrip_lip_sync(vae, ctx, st.eval_clips) if ranks.main else float("nan")
+    log.info("decoder: round-trip lip-sync %.3f -> %.3f on %d held-out clips", before, after, st.eval_clips)
     save_weights(vae, directory / "vae.safetensors", ranks)
-    mark_done(ctx, "decoder", {"steps": st.steps, "before": before, "after": after})
+    mark_done(ctx, "decoder", {"steps": st.steps, "roundtrip_lip_sync_before": before,
+                               "roundtrip_lip_sync_after": after, "eval_clips": st.eval_clips})
     ranks.barrier()
-
-
-def decoder_eval(vae: WanVAE, ctx: StageContext) -> dict[str, Any]:
-    """What the decoder stage is for: round-trip lip-sync of world-length clips and the error over
-    a long decoded stream (first vs last second)."""
-    st = ctx.recipe.decoder
-    return {"roundtrip_lip_sync": roundtrip_lip_sync(vae, ctx, st.eval_clips) if st.eval_clips else float("nan"),
-            "stream_error": stream_decode_error(vae, ctx, st.eval_streams, st.clip_frames) if st.eval_streams else {}}
