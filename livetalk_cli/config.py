@@ -117,10 +117,19 @@ class StreamConfig:
     sink_frames: int = 3  # latent frames pinned as identity sinks (AHIS); 0 = none
     window_frames: int = 12  # most recent latent frames kept in the ring
     relative_rope: bool = True  # False keeps absolute temporal positions (upstream parity)
+    # The VAE's identity anchor: every `vae_anchor_every` blocks (0 = never) the causal decoder's
+    # cache is rebuilt from the stream's first latent (the reference) and its last
+    # `vae_anchor_history` latents. For VAEs whose later latents only code what changed (the
+    # demo's: its decoder loses the background and skin tone once the first latent leaves its
+    # ~100-frame receptive field); Wan's own VAE does not need it.
+    vae_anchor_every: int = 0
+    vae_anchor_history: int = 2
 
     def validate(self) -> None:
         if self.block_frames < 1 or self.num_steps < 1:
             raise UserError("stream: block_frames and num_steps must be >= 1")
+        if self.vae_anchor_every < 0 or self.vae_anchor_history < 0:
+            raise UserError("stream: vae_anchor_every and vae_anchor_history must be >= 0")
         if self.sink_frames < 0 or self.window_frames < 0:
             raise UserError("stream: sink_frames and window_frames must be >= 0")
         if self.sink_frames % self.block_frames or self.window_frames % self.block_frames:
@@ -265,7 +274,7 @@ def _demo() -> ModelConfig:
             latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16,
         ),
         audio=audio,
-        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=3),
+        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=3, vae_anchor_every=3),
         text_vocab=1024,
         height=96, width=96, fps=16,
     )

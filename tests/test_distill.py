@@ -105,6 +105,26 @@ def test_decoder_loss_trains_the_decoder_only():
     assert parts["l1"] != pytest.approx(parts0["l1"], rel=1e-3)
 
 
+def test_posterior_chunked_restarts_the_encoder():
+    from livetalk_cli.config import preset
+    from livetalk_cli.distill.vae_stage import posterior_chunked
+    from livetalk_cli.models.vae import WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE(preset("tiny").vae).eval()
+    video = torch.rand(1, 3, 25, 32, 32) * 2 - 1
+    with torch.no_grad():
+        one = vae.conv1(vae.encoder(video, None), None)
+        two = vae.conv1(vae.encoder(video[:, :, 12:], None), None)
+    mu, logvar = posterior_chunked(vae, video, 25)  # one chunk: the plain posterior
+    torch.testing.assert_close(torch.cat([mu, logvar], 1), one)
+    mu, logvar = posterior_chunked(vae, video, 13)  # frames 0-12 and 12-24: 4 + 3 latent frames
+    assert mu.shape == (1, 4, 7, 4, 4)
+    torch.testing.assert_close(mu[:, :, :4], one[:, :4, :4])
+    torch.testing.assert_close(mu[:, :, 4:], two[:, :4, 1:])  # the second chunk's own encode, first latent dropped
+    assert not torch.allclose(mu[:, :, 4:], one[:, :4, 4:], atol=1e-3)  # ... not the long encode's
+
+
 # --- 3. every stage end to end ------------------------------------------------------------
 
 
@@ -322,13 +342,18 @@ def test_report_on_a_run(tiny_run, tmp_path):
 
     recipe_path, out = tiny_run
     ctx = StageContext(load_recipe(recipe_path, out=out), Ranks(0, 1, torch.device("cpu")))
-    rep = build_report(ctx, tmp_path / "report", clips=2, stream_seconds=2.0, identities=1, speed_seconds=1.0)
+    rep = build_report(ctx, tmp_path / "report", clips=2, stream_seconds=2.0, identities=1, speed_seconds=1.0,
+                       vae_stream_frames=17)
     assert set(rep["models"]) == {"ground_truth", "vae_roundtrip", "teacher", "ode_init", "dmd"}
     assert rep["models"]["ground_truth"]["lip_sync_corr"]["mean"] > 0.5  # the world's own clips
     assert rep["models"]["ground_truth"]["lip_sync_corr"]["n"] == 2
     fl = rep["flops"]
     assert fl["teacher_dit_per_frame"] > 0 and fl["student_dit_per_frame"] > 0 and fl["vae_decode_per_frame"] > 0
     assert set(rep["sinks"]) == {"with_sinks", "no_sinks"} and rep["render_speed"]["realtime_factor"] > 0
+    for name in ("anchored", "plain"):
+        vs = rep["vae_stream"][name]
+        assert vs["frames"] == 17 and 0 < vs["first_s"] < 255 and 0 < vs["last_s"] < 255
+    assert rep["vae_stream"]["plain"]["anchor_every"] == 0
     assert json.loads((tmp_path / "report" / "report.json").read_text())["clips"] == 2
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| teacher |" in md and "## Targets" in md
+    assert "| teacher |" in md and "## Targets" in md and "| VAE stream" in md

@@ -77,6 +77,42 @@ def test_decode_step_in_chunks_of_three_matches_whole_decode(vae: WanVAE, num_la
 
 
 @torch.no_grad()
+def test_vae_stream_without_anchor_is_the_plain_stream(vae: WanVAE) -> None:
+    from livetalk_cli.sampling.stream import VAEStream
+
+    z = _latents(7, seed=3)
+    stream = VAEStream(vae)
+    parts = []
+    for block in z.split(3, dim=2):
+        stream.begin_block()
+        parts.append(stream.decode(block))
+    torch.testing.assert_close(torch.cat(parts, dim=2), vae.decode(z), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("history", [0, 2])
+def test_vae_stream_anchor_rebuilds_the_cache_from_the_first_latent(vae: WanVAE, history: int) -> None:
+    """Anchored every 2 blocks: blocks 0-1 decode as usual; block 2 is exactly the tail of a fresh
+    decode of [first latent, the `history` latents before it, block 2]; block 3 continues from there."""
+    from livetalk_cli.sampling.stream import VAEStream
+
+    z = _latents(12, seed=4)
+    blocks = list(z.split(3, dim=2))
+    stream = VAEStream(vae, anchor_every=2, history=history)
+    got = []
+    for block in blocks:
+        stream.begin_block()
+        got.append(stream.decode(block))
+    plain = vae.decode(z)
+    torch.testing.assert_close(torch.cat(got[:2], dim=2), plain[:, :, :21], atol=1e-5, rtol=1e-5)
+    hist = z[:, :, 6 - history: 6]
+    anchored = vae.decode(torch.cat([z[:, :, :1], hist, z[:, :, 6:12]], dim=2))
+    skip = 1 + 4 * history  # the anchor's own frames
+    torch.testing.assert_close(torch.cat(got[2:], dim=2), anchored[:, :, skip:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[2], plain[:, :, 21:33], atol=1e-3)  # the anchor changed what block 2 sees
+
+
+@torch.no_grad()
 def test_streaming_cache_is_needed(vae: WanVAE) -> None:
     """Decoding the second frame without the first frame's history gives different output."""
     z = _latents(3, seed=3)

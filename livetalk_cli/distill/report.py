@@ -7,7 +7,10 @@ Methods (also written into the report):
   compare its frames with the clip's audio and reference. Means with a 95 % interval
   (mean +- 1.96 sd / sqrt(n)).
 * VAE round trip: the clip encoded and decoded by the run's VAE, about the ceiling of every model
-  that works in its latent space.
+  that works in its latent space. VAE stream: held-out 16-s streams encoded in clip-length chunks
+  (the latents the DiT learns) and decoded block by block as `livetalk render` does, with and
+  without the model's identity anchor (`stream.vae_anchor_every`); mean |decoded - true| (0..255)
+  over the first and the last second (a drifting decoder shows last >> first).
 * Teacher: bidirectional, `trajectories.num_steps` Euler steps with CFG (2 forwards per step),
   whole clip decoded at once. Students: the streaming path `livetalk render` uses (4 steps + refill
   per 3-latent block, KV cache with identity sinks, streaming VAE).
@@ -40,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from livetalk_cli.distill.context import StageContext
 from livetalk_cli.distill.data import clip_audio_features, video_tensor, world_clip
 from livetalk_cli.distill.flow import FlowModel
-from livetalk_cli.distill.vae_stage import roundtrip_frames
+from livetalk_cli.distill.vae_stage import roundtrip_frames, stream_decode_error
 from livetalk_cli.files import write_text_atomic
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.pipeline import LoadedModel, load_model
@@ -122,7 +125,14 @@ def flops_per_frame(model: LoadedModel, teacher: WanDiT, clip_frames: int, steps
     noise = torch.zeros(cfg.stream.num_steps, 1, cfg.dit.out_dim, bf, h, w)
     audio = torch.zeros(cfg.dit.num_audio_layers, 1, bf, cfg.dit.dim)
     student_block = dit_flops(lambda: stream.sampler.denoise_block(noise, audio))
-    vae_block = dit_flops(lambda: model.vae.decode_step(torch.zeros(1, cfg.dit.out_dim, bf, h, w), stream.vae_cache))
+    every = max(1, cfg.stream.vae_anchor_every)  # blocks per anchor: its decode is shared among them
+
+    def vae_blocks() -> None:
+        for _ in range(every):
+            stream.vae_stream.begin_block()
+            stream.vae_stream.decode(torch.zeros(1, cfg.dit.out_dim, bf, h, w))
+
+    vae_block = dit_flops(vae_blocks) / every
     return {
         "teacher_dit_per_frame": teacher_fwd * 2 * steps / clip_frames,
         "student_dit_per_frame": student_block / (tf * bf),
@@ -175,7 +185,7 @@ def render_speed(model: LoadedModel, ctx: StageContext, seconds: float) -> dict[
 
 
 def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_seconds: float = 60.0,
-                 identities: int = 4, speed_seconds: float = 10.0) -> dict[str, Any]:
+                 identities: int = 4, speed_seconds: float = 10.0, vae_stream_frames: int = 257) -> dict[str, Any]:
     """Evaluate every model the run produced; write report.json and report.md under `out_dir`."""
     r = ctx.recipe
     torch.manual_seed(0)
@@ -211,6 +221,13 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
         "models": {k: {m: ci95(v) for m, v in d.items()} for k, d in rows.items()},
         "first_frame_latency_s": {k: ci95(v) for k, v in latency.items()},
     }
+    ctx.progress("report: vae stream", 0, 1)
+    sc = cfg.stream
+    report["vae_stream"] = {
+        "anchored": stream_decode_error(base.vae, ctx, 4, vae_stream_frames, sc.vae_anchor_every,
+                                        sc.vae_anchor_history),
+        "plain": stream_decode_error(base.vae, ctx, 4, vae_stream_frames),
+    } if vae_stream_frames else {}
     ctx.progress("report: flops", 0, 1)
     report["flops"] = flops_per_frame(base, teacher, frames_n, tr.num_steps)
     final = students.get("dmd", base)
@@ -267,11 +284,18 @@ def markdown(rep: dict[str, Any]) -> str:
         cells = [f"{d[m]['mean']:.3f} ± {d[m]['ci95']:.3f}" for m in METRICS]
         first = f"{lat[name]['mean']:.3f}" if name in lat else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {first} |")
+    if rep.get("vae_stream"):
+        lines += ["", "| VAE stream (0..255 error) | first second | last second | all |", "|---|---|---|---|"]
+        for name, d in rep["vae_stream"].items():
+            how = (f"anchor every {d['anchor_every']} blocks, history {d['history']}" if d["anchor_every"]
+                   else "no anchor")
+            lines.append(f"| {name} ({how}; {d['clips']} streams of {d['frames']} frames) | {d['first_s']:.1f} | "
+                         f"{d['last_s']:.1f} | {d['all']:.1f} |")
     fl = rep["flops"]
     lines += ["", "| DiT FLOPs per frame | value |", "|---|---|",
               f"| teacher | {fl['teacher_dit_per_frame'] / 1e9:.2f} GFLOP |",
               f"| student | {fl['student_dit_per_frame'] / 1e9:.3f} GFLOP |",
-              f"| VAE decode (separate) | {fl['vae_decode_per_frame'] / 1e9:.3f} GFLOP |"]
+              f"| VAE decode (separate; the anchor's share included) | {fl['vae_decode_per_frame'] / 1e9:.3f} GFLOP |"]
     if "sinks" in rep:
         lines += ["", "| 60-s stream | identity error | drift / min | per 10 s |", "|---|---|---|---|"]
         for name, d in rep["sinks"].items():

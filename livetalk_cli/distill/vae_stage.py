@@ -31,7 +31,7 @@ from livetalk_cli.distill.trainer import (
 )
 from livetalk_cli.models.audio import build_audio_encoder
 from livetalk_cli.models.vae import WanVAE
-from livetalk_cli.sampling.stream import frames_to_uint8
+from livetalk_cli.sampling.stream import VAEStream, frames_to_uint8
 from livetalk_cli.world.face import mouth_colour_distance2
 from livetalk_cli.world.metrics import lip_sync
 
@@ -186,6 +186,52 @@ def roundtrip_lip_sync(vae: WanVAE, ctx: StageContext, num_clips: int) -> float:
         frames = roundtrip_frames(vae, clip.frames)
         scores.append(lip_sync(frames, clip.audio, cfg.audio.sample_rate, cfg.fps).correlation)
     return float(np.mean(scores)) if scores else float("nan")
+
+
+@torch.no_grad()
+def posterior_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> tuple[Tensor, Tensor]:
+    """(B,3,T,H,W), T = 1 + 4k → the posterior (mu, logvar), un-normalised, (B,z,1+k,h,w), with
+    the encoder restarted every `chunk_frames` frames (chunks share their boundary frame and each
+    later chunk drops its first latent): the latents the DiT is trained on (clips of the world's
+    length) however long the video, never the encoder run past the length it was trained on."""
+    tf = vae.cfg.temporal_factor
+    step = chunk_frames - 1
+    parts = []
+    for s in range(0, video.shape[2] - 1, step):
+        z2 = vae.conv1(vae.encoder(video[:, :, s: s + chunk_frames], None), None)
+        parts.append(z2 if s == 0 else z2[:, :, 1:])
+    z2 = torch.cat(parts, dim=2)
+    assert z2.shape[2] == 1 + (video.shape[2] - 1) // tf
+    mu, logvar = z2.chunk(2, dim=1)
+    return mu, logvar.clamp(-30.0, 20.0)
+
+
+@torch.no_grad()
+def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_frames: int, anchor_every: int = 0,
+                        history: int = 2) -> dict[str, float]:
+    """Mean |decoded - true| (0..255) of held-out world streams of `num_frames` frames, encoded in
+    world-length chunks (`posterior_chunked`) and decoded block by block as `livetalk render` does
+    (`VAEStream`, re-anchored every `anchor_every` blocks): over the first second, the last second
+    and all frames. A decoder that drifts on long streams shows last >> first."""
+    cfg = ctx.recipe.model
+    bf, fps = cfg.stream.block_frames, cfg.fps
+    errs = []
+    for k in range(num_clips):
+        clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 700_000 + k, num_frames)
+        video = video_tensor(clip.frames)[None].to(ctx.device)
+        mu = posterior_chunked(vae, video, ctx.recipe.world.clip_frames)[0]
+        mean, std = vae.mean.view(1, -1, 1, 1, 1), vae.std.view(1, -1, 1, 1, 1)
+        z = (mu - mean) / std
+        stream = VAEStream(vae, anchor_every, history)
+        parts = []
+        for s in range(0, z.shape[2], bf):
+            stream.begin_block()
+            parts.append(frames_to_uint8(stream.decode(z[:, :, s: s + bf])))
+        out = np.concatenate(parts)[:num_frames]
+        errs.append(np.abs(out.astype(np.int16) - clip.frames.astype(np.int16)).mean(axis=(1, 2, 3)))
+    e = np.mean(errs, axis=0)
+    return {"first_s": float(e[1: 1 + fps].mean()), "last_s": float(e[-fps:].mean()), "all": float(e.mean()),
+            "frames": num_frames, "clips": num_clips, "anchor_every": anchor_every, "history": history}
 
 
 def run_decoder_stage(ctx: StageContext) -> None:

@@ -27,6 +27,7 @@ from livetalk_cli.config import latents_for_video_frames
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import frame_features, samples_per_frame, window_frames
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
+from livetalk_cli.models.vae import WanVAE
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.sampling.block_sampler import BlockSampler
 
@@ -52,6 +53,40 @@ def frames_to_uint8(video: Tensor) -> np.ndarray:
     if not torch.isfinite(host).all():
         raise NonFiniteOutput("the model produced NaN/inf frames; check the checkpoint and --dtype")
     return ((host + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+class VAEStream:
+    """The VAE side of a stream: latents in, frames out, the causal decoder's cache carried over.
+
+    With `anchor_every` > 0 the cache is rebuilt, before every `anchor_every`-th block, by decoding
+    (and dropping) the stream's first latent followed by its last `history` latents, so the
+    decoder always has the reference frame in its history (see `StreamConfig.vae_anchor_every`).
+    That costs one decode of 1 + `history` latents per `anchor_every` blocks."""
+
+    def __init__(self, vae: WanVAE, anchor_every: int = 0, history: int = 2):
+        self.vae, self.every, self.history = vae, anchor_every, history
+        self.dtype = next(vae.parameters()).dtype
+        self.cache = vae.new_decode_cache()
+        self.first: Tensor | None = None
+        self.recent: Tensor | None = None
+        self.blocks = 0
+
+    def begin_block(self) -> None:
+        """Call once before decoding each block's latents."""
+        if self.every and self.blocks and self.blocks % self.every == 0 and self.first is not None:
+            self.cache = self.vae.new_decode_cache()
+            anchor = self.first if self.recent is None or not self.history else torch.cat([self.first, self.recent], 2)
+            self.vae.decode_step(anchor, self.cache)
+        self.blocks += 1
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents (1, C, f, h, w) → video (1, 3, T, H, W) in [-1, 1], continuing the stream."""
+        z = z.to(self.dtype)
+        if self.first is None:
+            self.first = z[:, :, :1]
+        if self.every and self.history:
+            self.recent = (z if self.recent is None else torch.cat([self.recent, z], 2))[:, :, -self.history:]
+        return self.vae.decode_step(z, self.cache)
 
 
 @dataclass(frozen=True)
@@ -104,7 +139,7 @@ class AvatarStream:
         ref = m.vae.encode(image[None, :, None].to(m.device, self.vae_dtype)).float()  # (1, C, 1, h, w)
         text_kv = m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
         self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
-        self.vae_cache = m.vae.new_decode_cache()
+        self.vae_stream = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
 
@@ -173,7 +208,7 @@ class AvatarStream:
     @torch.no_grad()
     def decode_part(self, z: Tensor) -> Tensor:
         """Latents (1, C, f, h, w) → video (1, 3, T, H, W) in [-1, 1], continuing the VAE stream."""
-        return self.model.vae.decode_step(z.to(self.vae_dtype), self.vae_cache)
+        return self.vae_stream.decode(z)
 
     def decode(self, x0: Tensor, ready: Any = None, vae_stream: Any = None) -> Iterator[Tensor]:
         """A sampled block's latents → its video chunks (1, 3, T, H, W), one per `decode_parts` chunk,
@@ -186,6 +221,11 @@ class AvatarStream:
                 vae_stream.wait_event(ready)
                 x0.record_stream(vae_stream)  # x0 was allocated on the DiT's stream
                 z = x0.to(self.vae_dtype)
+        if vae_stream is None:
+            self.vae_stream.begin_block()
+        else:
+            with torch.cuda.stream(vae_stream):
+                self.vae_stream.begin_block()
         for part in self.decode_parts(z):
             if vae_stream is None:
                 yield self.decode_part(part)
