@@ -349,7 +349,10 @@ def test_report_on_a_run(tiny_run, tmp_path):
     assert rep["models"]["ground_truth"]["lip_sync_corr"]["n"] == 2
     fl = rep["flops"]
     assert fl["teacher_dit_per_frame"] > 0 and fl["student_dit_per_frame"] > 0 and fl["vae_decode_per_frame"] > 0
-    assert set(rep["sinks"]) == {"with_sinks", "no_sinks"} and rep["render_speed"]["realtime_factor"] > 0
+    assert set(rep["sinks"]["variants"]) == {"with_sinks", "no_sinks"} and rep["render_speed"]["realtime_factor"] > 0
+    sinks = rep["sinks"]["variants"]
+    gain = sinks["no_sinks"]["per_identity"][0] - sinks["with_sinks"]["per_identity"][0]
+    assert rep["sinks"]["paired_gain"]["mean"] == pytest.approx(gain) and rep["sinks"]["paired_gain"]["n"] == 1
     for name in ("anchored", "plain"):
         vs = rep["vae_stream"][name]
         assert vs["frames"] == 17 and 0 < vs["first_s"] < 255 and 0 < vs["last_s"] < 255
