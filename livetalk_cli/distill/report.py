@@ -13,7 +13,7 @@ Methods (also written into the report):
   over the first and the last second (a drifting decoder shows last >> first).
 * Teacher: bidirectional, `trajectories.num_steps` Euler steps with CFG (2 forwards per step),
   whole clip decoded at once. Students: the streaming path `livetalk render` uses (4 steps + refill
-  per 3-latent block, KV cache with identity sinks, streaming VAE).
+  per 3-latent block, KV cache with identity sinks, streaming VAE with the model's anchor).
 * DiT FLOPs per generated frame: `torch.utils.flop_counter.FlopCounterMode` over the real calls
   (teacher: one forward x 2 x steps / video frames of the clip; student: one steady-state block
   (cache full) / its video frames). VAE decode FLOPs per frame separately.
