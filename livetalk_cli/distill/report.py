@@ -130,8 +130,8 @@ def flops_per_frame(model: LoadedModel, teacher: WanDiT, clip_frames: int, steps
 
     def vae_blocks() -> None:
         for _ in range(every):
-            stream.vae_stream.begin_block()
-            stream.vae_stream.decode(torch.zeros(1, cfg.dit.out_dim, bf, h, w))
+            stream.vae_side.begin_block()
+            stream.vae_side.decode(torch.zeros(1, cfg.dit.out_dim, bf, h, w))
 
     vae_block = dit_flops(vae_blocks) / every
     return {

@@ -71,6 +71,7 @@ class VAEStream:
         self.recent: Tensor | None = None
         self.blocks = 0
 
+    @torch.no_grad()
     def begin_block(self) -> None:
         """Call once before decoding each block's latents."""
         if self.every and self.blocks and self.blocks % self.every == 0 and self.first is not None:
@@ -139,7 +140,7 @@ class AvatarStream:
         ref = m.vae.encode(image[None, :, None].to(m.device, self.vae_dtype)).float()  # (1, C, 1, h, w)
         text_kv = m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
         self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
-        self.vae_stream = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)
+        self.vae_side = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
 
@@ -208,7 +209,7 @@ class AvatarStream:
     @torch.no_grad()
     def decode_part(self, z: Tensor) -> Tensor:
         """Latents (1, C, f, h, w) → video (1, 3, T, H, W) in [-1, 1], continuing the VAE stream."""
-        return self.vae_stream.decode(z)
+        return self.vae_side.decode(z)
 
     def decode(self, x0: Tensor, ready: Any = None, vae_stream: Any = None) -> Iterator[Tensor]:
         """A sampled block's latents → its video chunks (1, 3, T, H, W), one per `decode_parts` chunk,
@@ -222,10 +223,10 @@ class AvatarStream:
                 x0.record_stream(vae_stream)  # x0 was allocated on the DiT's stream
                 z = x0.to(self.vae_dtype)
         if vae_stream is None:
-            self.vae_stream.begin_block()
+            self.vae_side.begin_block()
         else:
             with torch.cuda.stream(vae_stream):
-                self.vae_stream.begin_block()
+                self.vae_side.begin_block()
         for part in self.decode_parts(z):
             if vae_stream is None:
                 yield self.decode_part(part)
