@@ -105,24 +105,22 @@ def test_decoder_loss_trains_the_decoder_only():
     assert parts["l1"] != pytest.approx(parts0["l1"], rel=1e-3)
 
 
-def test_posterior_chunked_restarts_the_encoder():
+def test_encode_chunked_restarts_the_encoder():
     from livetalk_cli.config import preset
-    from livetalk_cli.distill.vae_stage import posterior_chunked
+    from livetalk_cli.distill.vae_stage import encode_chunked
     from livetalk_cli.models.vae import WanVAE
 
     torch.manual_seed(0)
     vae = WanVAE(preset("tiny").vae).eval()
     video = torch.rand(1, 3, 25, 32, 32) * 2 - 1
     with torch.no_grad():
-        one = vae.conv1(vae.encoder(video, None), None)
-        two = vae.conv1(vae.encoder(video[:, :, 12:], None), None)
-    mu, logvar = posterior_chunked(vae, video, 25)  # one chunk: the plain posterior
-    torch.testing.assert_close(torch.cat([mu, logvar], 1), one)
-    mu, logvar = posterior_chunked(vae, video, 13)  # frames 0-12 and 12-24: 4 + 3 latent frames
-    assert mu.shape == (1, 4, 7, 4, 4)
-    torch.testing.assert_close(mu[:, :, :4], one[:, :4, :4])
-    torch.testing.assert_close(mu[:, :, 4:], two[:, :4, 1:])  # the second chunk's own encode, first latent dropped
-    assert not torch.allclose(mu[:, :, 4:], one[:, :4, 4:], atol=1e-3)  # ... not the long encode's
+        one, two = vae.encode(video), vae.encode(video[:, :, 12:])
+    torch.testing.assert_close(encode_chunked(vae, video, 25), one)  # one chunk: the plain encode
+    z = encode_chunked(vae, video, 13)  # frames 0-12 and 12-24: 4 + 3 latent frames
+    assert z.shape == (1, 4, 7, 4, 4)
+    torch.testing.assert_close(z[:, :, :4], one[:, :, :4])
+    torch.testing.assert_close(z[:, :, 4:], two[:, :, 1:])  # the second chunk's own encode, first latent dropped
+    assert not torch.allclose(z[:, :, 4:], one[:, :, 4:], atol=1e-3)  # ... not the long encode's
 
 
 # --- 3. every stage end to end ------------------------------------------------------------

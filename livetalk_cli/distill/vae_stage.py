@@ -189,28 +189,20 @@ def roundtrip_lip_sync(vae: WanVAE, ctx: StageContext, num_clips: int) -> float:
 
 
 @torch.no_grad()
-def posterior_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> tuple[Tensor, Tensor]:
-    """(B,3,T,H,W), T = 1 + 4k → the posterior (mu, logvar), un-normalised, (B,z,1+k,h,w), with
-    the encoder restarted every `chunk_frames` frames (chunks share their boundary frame and each
-    later chunk drops its first latent): the latents the DiT is trained on (clips of the world's
-    length) however long the video, never the encoder run past the length it was trained on."""
-    tf = vae.cfg.temporal_factor
-    step = chunk_frames - 1
-    parts = []
-    for s in range(0, video.shape[2] - 1, step):
-        z2 = vae.conv1(vae.encoder(video[:, :, s: s + chunk_frames], None), None)
-        parts.append(z2 if s == 0 else z2[:, :, 1:])
-    z2 = torch.cat(parts, dim=2)
-    assert z2.shape[2] == 1 + (video.shape[2] - 1) // tf
-    mu, logvar = z2.chunk(2, dim=1)
-    return mu, logvar.clamp(-30.0, 20.0)
+def encode_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> Tensor:
+    """(B,3,T,H,W), T = 1 + 4k → normalised latents (B,z,1+k,h,w), `vae.encode` restarted every
+    `chunk_frames` frames (chunks share their boundary frame; each later chunk drops its first
+    latent): the latents the DiT is trained on (clips of the world's length) however long the
+    video, never the encoder run past the length it was trained on."""
+    parts = [vae.encode(video[:, :, s: s + chunk_frames]) for s in range(0, video.shape[2] - 1, chunk_frames - 1)]
+    return torch.cat([parts[0], *(z[:, :, 1:] for z in parts[1:])], dim=2)
 
 
 @torch.no_grad()
 def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_frames: int, anchor_every: int = 0,
                         history: int = 2) -> dict[str, float]:
     """Mean |decoded - true| (0..255) of held-out world streams of `num_frames` frames, encoded in
-    world-length chunks (`posterior_chunked`) and decoded block by block as `livetalk render` does
+    world-length chunks (`encode_chunked`) and decoded block by block as `livetalk render` does
     (`VAEStream`, re-anchored every `anchor_every` blocks): over the first second, the last second
     and all frames. A decoder that drifts on long streams shows last >> first."""
     cfg = ctx.recipe.model
@@ -219,9 +211,7 @@ def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_fram
     for k in range(num_clips):
         clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 700_000 + k, num_frames)
         video = video_tensor(clip.frames)[None].to(ctx.device)
-        mu = posterior_chunked(vae, video, ctx.recipe.world.clip_frames)[0]
-        mean, std = vae.mean.view(1, -1, 1, 1, 1), vae.std.view(1, -1, 1, 1, 1)
-        z = (mu - mean) / std
+        z = encode_chunked(vae, video, ctx.recipe.world.clip_frames)
         stream = VAEStream(vae, anchor_every, history)
         parts = []
         for s in range(0, z.shape[2], bf):

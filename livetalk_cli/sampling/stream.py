@@ -75,8 +75,8 @@ class VAEStream:
     def begin_block(self) -> None:
         """Call once before decoding each block's latents."""
         if self.every and self.blocks and self.blocks % self.every == 0 and self.first is not None:
-            self.cache = self.vae.new_decode_cache()
-            anchor = self.first if self.recent is None or not self.history else torch.cat([self.first, self.recent], 2)
+            self.cache = self.vae.new_decode_cache()  # `recent` stays None when history is 0
+            anchor = self.first if self.recent is None else torch.cat([self.first, self.recent], 2)
             self.vae.decode_step(anchor, self.cache)
         self.blocks += 1
 
