@@ -16,7 +16,7 @@ device: cpu
 world: {train_clips: 4, clip_frames: 21}
 vae: {steps: 2, batch_size: 2, clip_frames: 5, stats_clips: 2, log_every: 1}
 decoder: {steps: 2, batch_size: 2, clip_frames: 5, eval_clips: 1, log_every: 1}
-teacher: {steps: 2, batch_size: 2, log_every: 1}
+teacher: {steps: 2, batch_size: 2, log_every: 1, mouth_weight: 5.0}
 trajectories: {num_samples: 2, num_steps: 4, keep_steps: [0, 1, 2, 3, 4], shard_size: 2, batch_size: 2}
 ode_init: {steps: 2, batch_size: 2, log_every: 1, plateau_window: 1}
 dmd: {steps: 3, batch_size: 2, num_blocks: 2, critic_warmup: 1, critic_per_gen: 2, ema_start: 1, log_every: 1}

@@ -68,8 +68,7 @@ def seed_run_folder(src: Path, dst: Path, *parts: str) -> Path:
 def test_mouth_map_is_the_metrics_mouth_count():
     """The differentiable map the decoder stage trains on sums to what the lip-sync metric measures."""
     from livetalk_cli.config import preset
-    from livetalk_cli.distill.data import video_tensor, world_clip
-    from livetalk_cli.distill.vae_stage import mouth_map
+    from livetalk_cli.distill.data import mouth_map, video_tensor, world_clip
     from livetalk_cli.world.metrics import measure_mouth_open
 
     clip = world_clip(preset("demo"), 7, 9)
@@ -80,9 +79,54 @@ def test_mouth_map_is_the_metrics_mouth_count():
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)
 
 
+def test_mouth_region_marks_the_mouth_cells():
+    """The teacher's loss weights: the latent cells the mouth crosses in the clip, and few others."""
+    from livetalk_cli.config import preset
+    from livetalk_cli.distill.data import mouth_map, mouth_region, video_tensor, world_clip
+
+    cfg = preset("demo")
+    f = cfg.vae.spatial_factor
+    clip = world_clip(cfg, 3, 33)
+    video = video_tensor(clip.frames)
+    region = mouth_region(video, f)
+    assert region.shape == (cfg.height // f, cfg.width // f)
+    peak = mouth_map(video[None])[0].amax(0)  # (H, W): the mouth interior at its widest
+    y, x = divmod(int(peak.argmax()), cfg.width)
+    assert float(peak[y, x]) > 0.9 and float(region[y // f, x // f]) > 0.9
+    # grown by one cell: every neighbour of the mouth's cell is in the region too
+    assert float(region[y // f - 1: y // f + 2, x // f - 1: x // f + 2].min()) > 0.9
+    assert float((region > 0.5).float().mean()) < 0.25  # the mouth and lips, not the face
+    assert float(region[0, 0]) < 1e-3 and float(region[-1, -1]) < 1e-3  # background corners
+
+
+def test_teacher_loss_weights_follow_the_mouth_region():
+    from livetalk_cli.distill.data import LatentSet
+    from livetalk_cli.distill.flow import masked_mse
+    from livetalk_cli.errors import UserError
+
+    torch.manual_seed(0)
+    lat, aud = torch.randn(3, 4, 3, 2, 2).half(), torch.randn(3, 9, 8).half()
+    mouth = torch.zeros(3, 2, 2)
+    mouth[:, 1, 0] = 1.0
+    data = LatentSet(lat, aud, ["a", "b", "c"], mouth.half())
+    w = data.loss_weights([2, 0], 4.0, torch.device("cpu"))
+    assert w.shape == (2, 1, 1, 2, 2) and w[:, 0, 0, 1, 0].tolist() == [5.0, 5.0] and float(w.sum()) == 2 * 8.0
+    a, b = torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 3, 2, 2)
+    frames = torch.tensor([0.0, 1.0, 1.0]).view(1, 1, 3, 1, 1)
+    weight = frames * w
+    expected = ((a - b).square() * weight).sum(dim=(1, 2, 3, 4)) / weight.expand_as(a).sum(dim=(1, 2, 3, 4))
+    assert float(masked_mse(a, b, weight)) == pytest.approx(float(expected.mean()), rel=1e-6)
+    # with weight 0 on the mouth it is the plain masked MSE; a larger weight moves it toward the mouth's error
+    assert float(masked_mse(a, b, frames * data.loss_weights([2, 0], 0.0, torch.device("cpu")))) == pytest.approx(
+        float(masked_mse(a, b, frames)), rel=1e-6)
+    with pytest.raises(UserError, match="no mouth regions"):
+        LatentSet(lat, aud, ["a", "b", "c"]).loss_weights([0], 4.0, torch.device("cpu"))
+
+
 def test_decoder_loss_trains_the_decoder_only():
     from livetalk_cli.config import preset
-    from livetalk_cli.distill.vae_stage import VAEAutoencoder, decoder_loss, mouth_map
+    from livetalk_cli.distill.data import mouth_map
+    from livetalk_cli.distill.vae_stage import VAEAutoencoder, decoder_loss
     from livetalk_cli.models.vae import WanVAE
 
     torch.manual_seed(0)
@@ -144,6 +188,10 @@ def test_every_stage_end_to_end(tiny_run):
     for stage in STAGES:
         assert (out / stage / "done.json").is_file(), stage
     assert json.loads((out / "recipe.json").read_text())["name"] == "tiny-test"
+
+    # the latent set carries each clip's mouth region on the latent grid (the teacher's loss weights)
+    shard = load_file(str(out / "latents" / "shard_00000.safetensors"))
+    assert shard["mouth"].shape == (4, 8, 8) and 0 < float(shard["mouth"].float().mean()) < 0.5
 
     # trajectories: (samples, kept steps, C, F, h, w), the noise end first
     traj = load_file(str(out / "trajectories" / "shard_00000.safetensors"))

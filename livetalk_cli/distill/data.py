@@ -7,7 +7,8 @@ block-by-block features at inference), packed per latent frame as at a stream's 
 
 The latent dataset is written once after the VAE stage, in shards of `SHARD` clips:
 `latents/shard_00000.safetensors` with `latents` (N, C, F, h, w) fp16, `audio` (N, T, A) fp16,
-`index` (N,) clip seeds; `latents/prompts.json` holds the prompts. Shards are resumable.
+`mouth` (N, h, w) fp16 (where the mouth is, on the latent grid: `mouth_region`), `index` (N,) clip
+seeds; the shard's metadata holds the prompts. Shards are resumable.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from livetalk_cli.config import ModelConfig
+from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import AudioFeatureEncoder, frame_features, samples_per_frame
 from livetalk_cli.models.vae import WanVAE
 from livetalk_cli.world.clip import WorldClip, WorldConfig, make_clip
+from livetalk_cli.world.face import mouth_colour_distance2
 
 log = logging.getLogger(__name__)
 SHARD = 64
@@ -49,6 +53,21 @@ def video_tensor(frames: np.ndarray) -> Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
+def mouth_map(video: Tensor) -> Tensor:
+    """(B, 3, T, H, W) in [-1, 1] → (B, T, H, W): each pixel's weight in the lip-sync metric's
+    mouth-opening count (`metrics.measure_mouth_open`), exp(-d2 / 2), differentiable."""
+    return torch.exp(-0.5 * mouth_colour_distance2(((video + 1.0) * 127.5).movedim(1, -1)))
+
+
+def mouth_region(video: Tensor, spatial_factor: int) -> Tensor:
+    """(3, T, H, W) in [-1, 1] → (H/f, W/f) in [0, 1]: where the mouth is on the latent grid — the
+    mouth map's maximum over the clip's frames and each f x f cell, grown by one cell so the lips
+    and the closed mouth count too. The teacher's loss weights these cells (`mouth_weight`)."""
+    peak = mouth_map(video[None]).amax(dim=1, keepdim=True)  # (1, 1, H, W)
+    cells = F.max_pool2d(peak, spatial_factor)
+    return F.max_pool2d(cells, 3, stride=1, padding=1)[0, 0]
+
+
 def clip_audio_features(encoder: AudioFeatureEncoder, cfg: ModelConfig, audio: np.ndarray, num_frames: int) -> Tensor:
     """Per-video-frame features of the whole clip, (T, A) float32."""
     spf = samples_per_frame(cfg.audio.sample_rate, cfg.fps)
@@ -62,6 +81,7 @@ class LatentSet:
     latents: Tensor  # (N, C, F, h, w) fp16
     audio: Tensor  # (N, T, A) fp16
     prompts: list[str]
+    mouth: Tensor | None = None  # (N, h, w): `mouth_region` of each clip (world latent sets)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -71,6 +91,14 @@ class LatentSet:
         idx = torch.tensor(indices)
         return (self.latents[idx].float().to(device), self.audio[idx].float().to(device),
                 [self.prompts[i] for i in indices])
+
+    def loss_weights(self, indices: list[int], mouth_weight: float, device: torch.device) -> Tensor:
+        """(B, 1, 1, h, w) per-position loss weights 1 + `mouth_weight` x the mouth region."""
+        if self.mouth is None:
+            raise UserError("the latent set has no mouth regions (made before they were stored, or not from "
+                            "world clips): delete its folder to re-encode it, or set mouth_weight: 0")
+        m = self.mouth[torch.tensor(indices)].float().to(device)
+        return (1.0 + mouth_weight * m)[:, None, None]
 
 
 @torch.no_grad()
@@ -97,15 +125,18 @@ def encode_world(
                 on_progress(s + 1, len(shards))
             continue
         seeds = list(range(s * SHARD, min((s + 1) * SHARD, num_clips)))
-        lat, aud, prompts = [], [], []
+        lat, aud, mouth, prompts = [], [], [], []
         for seed in seeds:
             clip = world_clip(cfg, seed, clip_frames)
-            lat.append(vae.encode(video_tensor(clip.frames)[None].to(device)).float().cpu())
+            video = video_tensor(clip.frames)
+            lat.append(vae.encode(video[None].to(device)).float().cpu())
             aud.append(clip_audio_features(encoder, cfg, clip.audio, clip_frames))
+            mouth.append(mouth_region(video, cfg.vae.spatial_factor))
             prompts.append(clip.prompt)
         tensors = {
             "latents": torch.cat(lat).half().contiguous(),
             "audio": torch.stack(aud).half().contiguous(),
+            "mouth": torch.stack(mouth).half().contiguous(),
             "index": torch.tensor(seeds),
         }
         tmp = path.with_suffix(".tmp")
@@ -118,7 +149,7 @@ def encode_world(
 def load_latents(directory: Path, num_clips: int) -> LatentSet:
     from safetensors import safe_open
 
-    lat, aud, prompts = [], [], []
+    lat, aud, mouth, prompts = [], [], [], []
     for s in range((num_clips + SHARD - 1) // SHARD):
         path = directory / f"shard_{s:05d}.safetensors"
         t = load_file(str(path))
@@ -126,7 +157,9 @@ def load_latents(directory: Path, num_clips: int) -> LatentSet:
             prompts += json.loads(f.metadata()["prompts"])
         lat.append(t["latents"])
         aud.append(t["audio"])
-    return LatentSet(torch.cat(lat), torch.cat(aud), prompts)
+        mouth.append(t.get("mouth"))
+    regions = torch.cat(mouth) if all(m is not None for m in mouth) else None
+    return LatentSet(torch.cat(lat), torch.cat(aud), prompts, regions)
 
 
 def latents_complete(directory: Path, num_clips: int) -> bool:

@@ -75,7 +75,8 @@ def generated_mask(num_frames: int, device: torch.device) -> Tensor:
 
 
 def masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """Mean of (a - b)^2 over the generated frames; a per-sample mean, then a batch mean."""
+    """Mean of (a - b)^2 over the generated frames; a per-sample mean, then a batch mean. A mask
+    of per-position weights (broadcast to a's shape) gives the weighted mean."""
     err = (a - b).float().square() * mask
     per = err.flatten(1).sum(1) / (mask.expand_as(err).flatten(1).sum(1))
     return per.mean()

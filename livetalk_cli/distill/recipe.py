@@ -113,9 +113,12 @@ class DecoderStage(LoopConfig):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TeacherStage(LoopConfig):
-    """Bidirectional flow-matching teacher. `checkpoint` = use an existing teacher, do not train."""
+    """Bidirectional flow-matching teacher. `checkpoint` = use an existing teacher, do not train.
+    `mouth_weight`: the loss at each latent position weighs 1 + this x the clip's mouth region
+    (world latent sets store it): the mouth is ~3 % of the latent grid but all of lip-sync."""
 
     checkpoint: str | None = None
+    mouth_weight: float = 0.0
     timestep_shift: float = 5.0
     drop_text_audio: float = 0.1  # the CFG unconditional branch: text and audio dropped together
     drop_text: float = 0.05
@@ -272,6 +275,7 @@ def _validate(r: Recipe) -> None:
     for name in ("drop_text_audio", "drop_text", "drop_audio"):
         _check(0 <= getattr(r.teacher, name) < 1, f"teacher.{name} must be in [0, 1)")
     _check(0 <= r.teacher.ema_decay < 1, "teacher.ema_decay must be in [0, 1)")
+    _check(r.teacher.mouth_weight >= 0, "teacher.mouth_weight must be >= 0")
     _check(r.world.train_clips >= 1, "world.train_clips must be >= 1")
 
 

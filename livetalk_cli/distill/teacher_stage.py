@@ -2,7 +2,8 @@
 
 Per sample: sigma = shift(u, timestep_shift) with u ~ U(0, 1) (the distribution of the shifted
 Euler steps the teacher later samples with), x_t = (1 - sigma) x0 + sigma eps with latent frame 0
-pinned to the reference latent, loss = MSE(v, eps - x0) over the generated frames. Conditions are
+pinned to the reference latent, loss = MSE(v, eps - x0) over the generated frames, each latent position
+weighted 1 + `mouth_weight` x the clip's mouth region (`data.mouth_region`; 0 = plain MSE). Conditions are
 dropped per sample: text and audio together with `drop_text_audio` (the CFG unconditional branch),
 and each alone with `drop_text` / `drop_audio`. The saved teacher is the EMA of the weights.
 """
@@ -72,7 +73,8 @@ def run_teacher_stage(ctx: StageContext) -> None:
             x_t = pin_reference((1 - sigma) * x0 + sigma * noise, ref)
             t = (sigma.view(-1, 1) * 1000).expand(-1, f)
             v = model(x_t, t, context, audio, ref)
-            loss = masked_mse(v, noise - x0, mask)
+            weight = mask * data.loss_weights(clips, st.mouth_weight, ctx.device) if st.mouth_weight else mask
+            loss = masked_mse(v, noise - x0, weight)
             return loss, {"loss": loss.item()}
 
         logs = train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)

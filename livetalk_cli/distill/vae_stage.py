@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
-from livetalk_cli.distill.data import encode_world, latents_complete, video_tensor, world_clip
+from livetalk_cli.distill.data import encode_world, latents_complete, mouth_map, video_tensor, world_clip
 from livetalk_cli.distill.trainer import (
     TrainState,
     generator,
@@ -32,7 +32,6 @@ from livetalk_cli.distill.trainer import (
 from livetalk_cli.models.audio import build_audio_encoder
 from livetalk_cli.models.vae import WanVAE
 from livetalk_cli.sampling.stream import VAEStream, frames_to_uint8
-from livetalk_cli.world.face import mouth_colour_distance2
 from livetalk_cli.world.metrics import lip_sync
 
 log = logging.getLogger(__name__)
@@ -142,12 +141,6 @@ def build_latent_set(ctx: StageContext) -> None:
 
 
 # --- stage `decoder` -------------------------------------------------------------------------
-
-
-def mouth_map(video: Tensor) -> Tensor:
-    """(B, 3, T, H, W) in [-1, 1] → (B, T, H, W): each pixel's weight in the lip-sync metric's
-    mouth-opening count (`metrics.measure_mouth_open`), exp(-d2 / 2), differentiable."""
-    return torch.exp(-0.5 * mouth_colour_distance2(((video + 1.0) * 127.5).movedim(1, -1)))
 
 
 def decoder_loss(model: nn.Module, video: Tensor, eps: Tensor, mouth_weight: float, mouth_map_weight: float,
