@@ -174,6 +174,9 @@ def distill(
     ] = None,
     report_clips: Annotated[int, typer.Option(help="Held-out clips in the report.")] = 64,
     report_stream_s: Annotated[float, typer.Option(help="Length of the sinks/no-sinks streams (0 = skip).")] = 60.0,
+    report_identities: Annotated[
+        int, typer.Option(help="Held-out identities streamed with and without sinks (the paired test's n).")
+    ] = 24,
 ) -> None:
     """Distil a many-step bidirectional teacher into a causal 4-step student (run a RECIPE's stages).
 
@@ -202,7 +205,8 @@ def distill(
             if report is not None and ctx.ranks.main:
                 from livetalk_cli.distill.report import build_report
 
-                build_report(ctx, report, clips=report_clips, stream_seconds=report_stream_s)
+                build_report(ctx, report, clips=report_clips, stream_seconds=report_stream_s,
+                             identities=report_identities)
         if ctx.ranks.main:
             err.print(f"distill: finished {stage or ', '.join(r.stages)} in {r.out}", highlight=False)
             if report is not None:

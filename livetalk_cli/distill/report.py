@@ -190,7 +190,7 @@ def render_speed(model: LoadedModel, ctx: StageContext, seconds: float) -> dict[
 
 
 def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_seconds: float = 60.0,
-                 identities: int = 8, speed_seconds: float = 10.0, vae_stream_frames: int = 257) -> dict[str, Any]:
+                 identities: int = 24, speed_seconds: float = 10.0, vae_stream_frames: int = 257) -> dict[str, Any]:
     """Evaluate every model the run produced; write report.json and report.md under `out_dir`."""
     r = ctx.recipe
     torch.manual_seed(0)
