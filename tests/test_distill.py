@@ -149,6 +149,33 @@ def test_decoder_loss_trains_the_decoder_only():
     assert parts["l1"] != pytest.approx(parts0["l1"], rel=1e-3)
 
 
+def test_latent_set_gains_reference_latents_in_place(tmp_path):
+    from livetalk_cli.config import preset
+    from livetalk_cli.distill.data import encode_world, latents_complete, load_latents, world_clip
+    from livetalk_cli.models.audio import build_audio_encoder
+    from livetalk_cli.models.vae import WanVAE
+
+    torch.manual_seed(0)
+    still = preset("tiny")
+    single = still.replace(still_reference_latents=0)
+    vae = WanVAE(still.vae).eval()
+    enc = build_audio_encoder(still, model_dir=None, random_weights=False, device="cpu")
+    encode_world(tmp_path, single, vae, enc, num_clips=2, clip_frames=9)
+    assert latents_complete(tmp_path, 2) and not latents_complete(tmp_path, 2, reference=True)
+    before = load_latents(tmp_path, 2)
+    assert before.reference is None
+    torch.testing.assert_close(before.references([1], torch.device("cpu")), before.latents[1:2, :, :1].float())
+
+    encode_world(tmp_path, still, vae, enc, num_clips=2, clip_frames=9)  # an older set, a still-reference model
+    assert latents_complete(tmp_path, 2, reference=True)
+    after = load_latents(tmp_path, 2)
+    assert torch.equal(after.latents, before.latents) and after.prompts == before.prompts
+    image = (torch.from_numpy(world_clip(still, 1, 1).reference).permute(2, 0, 1).float() / 127.5 - 1)[None, :, None]
+    with torch.no_grad():
+        expected = vae.encode_reference(image, 4)
+    torch.testing.assert_close(after.references([1], torch.device("cpu")), expected.half().float()[0:1])
+
+
 def test_encode_chunked_restarts_the_encoder():
     from livetalk_cli.config import preset
     from livetalk_cli.distill.vae_stage import encode_chunked
@@ -192,6 +219,10 @@ def test_every_stage_end_to_end(tiny_run):
     # the latent set carries each clip's mouth region on the latent grid (the teacher's loss weights)
     shard = load_file(str(out / "latents" / "shard_00000.safetensors"))
     assert shard["mouth"].shape == (4, 8, 8) and 0 < float(shard["mouth"].float().mean()) < 0.5
+    # ... and (tiny, like demo, has still_reference_latents 4) each clip's still-reference latents,
+    # whose latent 0 is the clip's latent frame 0: the reference image, encoded alone
+    assert shard["reference"].shape == (4, 4, 4, 8, 8)
+    torch.testing.assert_close(shard["reference"][:, :, 0], shard["latents"][:, :, 0], atol=2e-3, rtol=0)
 
     # trajectories: (samples, kept steps, C, F, h, w), the noise end first
     traj = load_file(str(out / "trajectories" / "shard_00000.safetensors"))

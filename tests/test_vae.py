@@ -187,6 +187,22 @@ def test_encode_shapes_determinism_and_chunk_parity(vae: WanVAE) -> None:
         vae.encode(video[:, :, :8])
 
 
+@torch.no_grad()
+def test_encode_reference_is_the_image_held_still(vae: WanVAE) -> None:
+    image = torch.rand(1, 3, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    single = vae.encode_reference(image, 0)
+    torch.testing.assert_close(single, vae.encode(image), atol=0, rtol=0)
+    assert vae.encode_reference(image, 1).shape == single.shape
+    still = vae.encode_reference(image, 4)  # 13 identical frames → 4 latents
+    assert still.shape == (1, 4, 4, 4, 4)
+    torch.testing.assert_close(still, vae.encode(image.expand(-1, -1, 13, -1, -1)), atol=0, rtol=0)
+    torch.testing.assert_close(still[:, :, :1], single, atol=1e-5, rtol=1e-5)  # latent 0 sees frame 0 alone
+    # a causal encoder's latents depend on their position even for a still input: that is the point
+    assert (still[:, :, 1] - still[:, :, 0]).abs().max() > 1e-3
+    with pytest.raises(ValueError):
+        vae.encode_reference(image.expand(-1, -1, 5, -1, -1), 4)
+
+
 def test_real_size_layout_on_meta() -> None:
     with torch.device("meta"):
         vae = WanVAE(VAEConfig())

@@ -8,7 +8,9 @@ block-by-block features at inference), packed per latent frame as at a stream's 
 The latent dataset is written once after the VAE stage, in shards of `SHARD` clips:
 `latents/shard_00000.safetensors` with `latents` (N, C, F, h, w) fp16, `audio` (N, T, A) fp16,
 `mouth` (N, h, w) fp16 (where the mouth is, on the latent grid: `mouth_region`), `index` (N,) clip
-seeds; the shard's metadata holds the prompts. Shards are resumable.
+seeds, and for models with `still_reference_latents` > 0 `reference` (N, C, R, h, w) fp16 (the
+reference image as a still video, `WanVAE.encode_reference`); the shard's metadata holds the
+prompts. Shards are resumable; a shard without `reference` that the model needs gains it in place.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class LatentSet:
     audio: Tensor  # (N, T, A) fp16
     prompts: list[str]
     mouth: Tensor | None = None  # (N, h, w): `mouth_region` of each clip (world latent sets)
+    reference: Tensor | None = None  # (N, C, R, h, w): still-reference latents (`encode_reference`)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -91,6 +94,13 @@ class LatentSet:
         idx = torch.tensor(indices)
         return (self.latents[idx].float().to(device), self.audio[idx].float().to(device),
                 [self.prompts[i] for i in indices])
+
+    def references(self, indices: list[int], device: torch.device) -> Tensor:
+        """(B, C, R, h, w) fp32: the reference latents the DiT's `y` is built from — the stored
+        still-reference latents, or (single-frame models) latent frame 0, the reference itself."""
+        idx = torch.tensor(indices)
+        ref = self.reference[idx] if self.reference is not None else self.latents[idx][:, :, :1]
+        return ref.float().to(device)
 
     def loss_weights(self, indices: list[int], mouth_weight: float, device: torch.device) -> Tensor:
         """(B, 1, 1, h, w) per-position loss weights 1 + `mouth_weight` x the mouth region."""
@@ -120,12 +130,14 @@ def encode_world(
     device = next(vae.parameters()).device
     for s in shards[rank::world]:
         path = directory / f"shard_{s:05d}.safetensors"
+        seeds = list(range(s * SHARD, min((s + 1) * SHARD, num_clips)))
         if path.is_file():
+            if cfg.still_reference_latents and not _has_reference(path):
+                _add_references(path, cfg, vae, seeds)
             if on_progress:
                 on_progress(s + 1, len(shards))
             continue
-        seeds = list(range(s * SHARD, min((s + 1) * SHARD, num_clips)))
-        lat, aud, mouth, prompts = [], [], [], []
+        lat, aud, mouth, refs, prompts = [], [], [], [], []
         for seed in seeds:
             clip = world_clip(cfg, seed, clip_frames)
             video = video_tensor(clip.frames)
@@ -133,23 +145,56 @@ def encode_world(
             aud.append(clip_audio_features(encoder, cfg, clip.audio, clip_frames))
             mouth.append(mouth_region(video, cfg.vae.spatial_factor))
             prompts.append(clip.prompt)
+            if cfg.still_reference_latents:
+                refs.append(_reference_latents(cfg, vae, clip))
         tensors = {
             "latents": torch.cat(lat).half().contiguous(),
             "audio": torch.stack(aud).half().contiguous(),
             "mouth": torch.stack(mouth).half().contiguous(),
             "index": torch.tensor(seeds),
         }
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts)})
-        os.replace(tmp, path)
+        if refs:
+            tensors["reference"] = torch.cat(refs).half().contiguous()
+        _save_shard(path, tensors, prompts)
         if on_progress:
             on_progress(s + 1, len(shards))
+
+
+def _reference_latents(cfg: ModelConfig, vae: WanVAE, clip: WorldClip) -> Tensor:
+    image = video_tensor(clip.reference[None])[None].to(next(vae.parameters()).device)
+    return vae.encode_reference(image, cfg.still_reference_latents).float().cpu()
+
+
+def _save_shard(path: Path, tensors: dict[str, Tensor], prompts: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+
+
+def _has_reference(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return "reference" in f.keys()
+
+
+def _add_references(path: Path, cfg: ModelConfig, vae: WanVAE, seeds: list[int]) -> None:
+    """Give an existing shard the reference latents a still-reference model needs (only the
+    reference images are encoded; the clips' latents stay as they are)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+    tensors = load_file(str(path))
+    refs = [_reference_latents(cfg, vae, make_clip(seed, 1, world_config(cfg))) for seed in seeds]
+    tensors["reference"] = torch.cat(refs).half().contiguous()
+    _save_shard(path, tensors, prompts)
 
 
 def load_latents(directory: Path, num_clips: int) -> LatentSet:
     from safetensors import safe_open
 
-    lat, aud, mouth, prompts = [], [], [], []
+    lat, aud, mouth, refs, prompts = [], [], [], [], []
     for s in range((num_clips + SHARD - 1) // SHARD):
         path = directory / f"shard_{s:05d}.safetensors"
         t = load_file(str(path))
@@ -158,9 +203,13 @@ def load_latents(directory: Path, num_clips: int) -> LatentSet:
         lat.append(t["latents"])
         aud.append(t["audio"])
         mouth.append(t.get("mouth"))
+        refs.append(t.get("reference"))
     regions = torch.cat(mouth) if all(m is not None for m in mouth) else None
-    return LatentSet(torch.cat(lat), torch.cat(aud), prompts, regions)
+    reference = torch.cat(refs) if all(r is not None for r in refs) else None
+    return LatentSet(torch.cat(lat), torch.cat(aud), prompts, regions, reference)
 
 
-def latents_complete(directory: Path, num_clips: int) -> bool:
-    return all((directory / f"shard_{s:05d}.safetensors").is_file() for s in range((num_clips + SHARD - 1) // SHARD))
+def latents_complete(directory: Path, num_clips: int, *, reference: bool = False) -> bool:
+    """Every shard is there (and, with `reference`, holds the still-reference latents)."""
+    paths = [directory / f"shard_{s:05d}.safetensors" for s in range((num_clips + SHARD - 1) // SHARD)]
+    return all(p.is_file() and (not reference or _has_reference(p)) for p in paths)

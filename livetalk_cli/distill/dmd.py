@@ -66,6 +66,7 @@ class Rollout(nn.Module):
         cache = BlockKVCache(dit.cfg, stream, (h // ph, w // pw), batch=b, device=noise.device,
                              dtype=next(dit.parameters()).dtype)
         cond = self.flow.conditioning(context, audio, ref, f)
+        ref = ref[:, :, :1]  # the pinned latent 0 (cond.y holds every position's reference latent)
         pin0 = torch.zeros(1, 1, bf, 1, 1, device=noise.device)
         pin0[:, :, 0] = 1
         outputs = []
@@ -146,7 +147,7 @@ def run_dmd_stage(ctx: StageContext) -> None:
         x0, audio, prompts = data.batch(clips, ctx.device)
         with torch.no_grad():
             context = text(prompts)
-        return {"noise": torch.stack(noise, 1).to(ctx.device), "ref": x0[:, :, :1],
+        return {"noise": torch.stack(noise, 1).to(ctx.device), "ref": data.references(clips, ctx.device),
                 "audio": audio[:, : 1 + tf * (f - 1)], "context": context,
                 "sigma": torch.stack(sig).float().to(ctx.device), "eps": torch.stack(eps).to(ctx.device)}
 

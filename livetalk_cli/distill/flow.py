@@ -5,7 +5,8 @@ inside one forward, so DDP/FSDP see every parameter used in the call they wrap. 
 
 * context: (B, Lt, text_dim) text-encoder output; the unconditional branch uses the empty prompt.
 * audio: (B, T, A) per-video-frame features of a stream-start run (packed here); zeros = none.
-* ref: (B, C, 1, h, w) reference latent, pinned as latent frame 0 and given as `y` to every frame.
+* ref: (B, C, R, h, w) reference latents (`WanVAE.encode_reference`): ref[:, :, :1] is pinned as latent
+  frame 0; `y` gives each latent position its reference latent (`reference_conditioning`).
 
 Legend: B batch, C latent channels, F latent frames, h/w latent size, T video frames.
 """
@@ -36,7 +37,7 @@ class FlowModel(nn.Module):
         """Prepare text K/V, audio projections and `y` for latent frames [offset, offset + F)."""
         packed = pack_audio_frames(audio, stream_start=True, pack=self.dit.cfg.audio_pack_frames)
         proj = self.dit.prepare_audio(packed)[:, :, frame_offset: frame_offset + num_frames]
-        y = reference_conditioning(ref, num_frames, first_known=frame_offset == 0)
+        y = reference_conditioning(ref, num_frames, first_known=frame_offset == 0, offset=frame_offset)
         return Conditioning(self.dit.prepare_text(context), y, proj)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, audio: Tensor, ref: Tensor,
@@ -55,8 +56,8 @@ class FlowModel(nn.Module):
 
 
 def pin_reference(x: Tensor, ref: Tensor) -> Tensor:
-    """Latent frame 0 := the reference latent."""
-    return torch.cat([ref.to(x.dtype), x[:, :, 1:]], dim=2)
+    """Latent frame 0 := the reference latent (ref: (B, C, R, h, w), its latent 0)."""
+    return torch.cat([ref[:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
 
 
 def drop_conditions(context: Tensor, audio: Tensor, empty: Tensor, drop_text: Tensor,

@@ -82,7 +82,7 @@ def run_ode_init_stage(ctx: StageContext) -> None:
                 clips.append(int(traj_index[j]))
             _, audio, prompts = data.batch(clips, ctx.device)
             target = torch.stack(clean).to(ctx.device)
-            ref = target[:, :, :1]
+            ref = data.references(clips, ctx.device)
             x_t = pin_reference(torch.stack(xs).to(ctx.device), ref)
             s = torch.stack(sigmas).to(ctx.device)  # (B, F)
             with torch.no_grad():

@@ -86,7 +86,7 @@ def teacher_frames(model: LoadedModel, teacher: WanDiT, clip: Any, num_frames: i
     cfg = model.cfg
     t0 = time.perf_counter()
     flow = FlowModel(teacher)
-    ref = model.vae.encode(video_tensor(clip.reference[None])[None]).float()
+    ref = model.vae.encode_reference(video_tensor(clip.reference[None])[None], cfg.still_reference_latents).float()
     audio = clip_audio_features(model.audio_encoder, cfg, clip.audio, num_frames)[None]
     context = model.text_encoder([clip.prompt])
     f = 1 + (num_frames - 1) // cfg.vae.temporal_factor

@@ -69,7 +69,7 @@ def run_teacher_stage(ctx: StageContext) -> None:
                 context = text(prompts)
             context, audio = drop_conditions(context, audio, empty, both | (d[:, 1] < st.drop_text),
                                              both | (d[:, 2] < st.drop_audio))
-            ref = x0[:, :, :1]
+            ref = data.references(clips, ctx.device)
             x_t = pin_reference((1 - sigma) * x0 + sigma * noise, ref)
             t = (sigma.view(-1, 1) * 1000).expand(-1, f)
             v = model(x_t, t, context, audio, ref)

@@ -67,7 +67,7 @@ def sample_batch(ctx: StageContext, flow: FlowModel, text: BuiltinTextEncoder, d
     """Teacher trajectories for clip indices `batch` → (n, K, C, F, h, w) fp32 on the CPU."""
     st = ctx.recipe.trajectories
     x0, audio, prompts = data.batch(batch, ctx.device)
-    ref = x0[:, :, :1]
+    ref = data.references(batch, ctx.device)
     noise = torch.stack([torch.randn(shape, generator=generator(ctx.recipe.seed, "trajectories", 0, i))
                          for i in batch]).to(ctx.device)
     context = text(prompts)

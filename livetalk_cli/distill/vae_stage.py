@@ -129,9 +129,9 @@ def build_latent_set(ctx: StageContext) -> None:
     """Encode the training clips with the trained VAE (resumable by shard)."""
     r = ctx.recipe
     directory = ctx.latents_dir
-    if latents_complete(directory, r.world.train_clips):
-        return
     cfg = ctx.model_config()
+    if latents_complete(directory, r.world.train_clips, reference=cfg.still_reference_latents > 0):
+        return
     vae = ctx.load_vae()
     encoder = build_audio_encoder(cfg, model_dir=None, random_weights=False, device="cpu")
     encode_world(directory, cfg, vae, encoder, num_clips=r.world.train_clips, clip_frames=r.world.clip_frames,

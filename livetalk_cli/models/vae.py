@@ -352,6 +352,18 @@ class WanVAE(nn.Module):
         mean, std = self._stats(mu)
         return (mu - mean) / std
 
+    def encode_reference(self, image: Tensor, still_latents: int) -> Tensor:
+        """The DiT's reference latents: image (B,3,1,H,W) in [-1,1] → (B,z,max(1, N),h,w).
+
+        N = `still_latents` (`ModelConfig.still_reference_latents`): 0 gives the single-frame
+        latent; N > 0 encodes the image held still for 1 + 4(N-1) frames, one latent per position.
+        Latent 0 is the single-frame latent either way (the encoder sees frame 0 alone).
+        """
+        if image.ndim != 5 or image.shape[2] != 1:
+            raise ValueError(f"encode_reference wants (B,3,1,H,W); got {tuple(image.shape)}")
+        frames = 1 + self.cfg.temporal_factor * max(0, still_latents - 1)
+        return self.encode(image.expand(-1, -1, frames, -1, -1))
+
     def decode(self, z: Tensor) -> Tensor:
         """Whole latent sequence (B,z,F,h,w) in one call, no cache -> (B,3,1+4(F-1),8h,8w) in [-1,1]."""
         return self._decode(z, None)

@@ -103,7 +103,8 @@ class BlockSampler:
             setattr(self, name, accelerate(fn, compile=compile, cuda_graphs=cuda_graphs, backend=backend))
 
     def start(self, text_kv: list[tuple[Tensor, Tensor]], ref_latent: Tensor | None) -> None:
-        """New stream. ref_latent: (B, C, 1, h, w) normalised reference latent (None for T2V)."""
+        """New stream. ref_latent: (B, C, R, h, w) normalised reference latents from
+        `WanVAE.encode_reference` (None for T2V)."""
         self.cache.reset()
         self.block_index = 0
         self.text_kv = text_kv
@@ -116,15 +117,24 @@ class BlockSampler:
             self._y_first = self._y_rest = None
             self._pin_first = self._pin_rest
         else:
-            self.ref = ref_latent.to(self.device, torch.float32)
-            self._y_rest = reference_conditioning(self.ref, f, first_known=False)
-            self._y_first = reference_conditioning(self.ref, f, first_known=True)
+            codes = ref_latent.to(self.device, torch.float32)
+            self.ref = codes[:, :, :1]
+            self._y_first = reference_conditioning(codes, f, first_known=True)
+            # Still-reference latents change with position until the VAE encoder settles: one y per
+            # block up to there (built here, once), then the settled one for every later block.
+            r = codes.shape[2]
+            self._y_blocks = [reference_conditioning(codes, f, first_known=False, offset=b * f)
+                              for b in range(1, max(1, -(-r // f)))]
+            self._y_rest = reference_conditioning(codes, f, first_known=False, offset=max(r - 1, 0))
             self._pin_first = self._pin_ref
 
     def _block_inputs(self, audio: Tensor | None) -> tuple[Conditioning, Tensor]:
-        first = self.block_index == 0
-        cond = Conditioning(self.text_kv, self._y_first if first else self._y_rest, audio)
-        return cond, self._pin_first if first else self._pin_rest
+        i = self.block_index
+        if i == 0 or self._y_first is None:
+            y = self._y_first
+        else:
+            y = self._y_blocks[i - 1] if i - 1 < len(self._y_blocks) else self._y_rest
+        return Conditioning(self.text_kv, y, audio), self._pin_first if i == 0 else self._pin_rest
 
     def denoise_block(self, noise: Tensor, audio: Tensor | None) -> Tensor:
         """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w).
@@ -150,14 +160,21 @@ class BlockSampler:
         self.block_index += 1
 
 
-def reference_conditioning(ref: Tensor, num_frames: int, *, first_known: bool) -> Tensor:
-    """OmniAvatar's `y`: the reference latent repeated over frames + a mask channel.
+def reference_conditioning(ref: Tensor, num_frames: int, *, first_known: bool, offset: int = 0) -> Tensor:
+    """OmniAvatar's `y`: reference latents for latent positions [offset, offset + F) + a mask channel.
 
-    ref: (B, C, 1, h, w) → (B, C+1, F, h, w); mask is 0 on the known (reference) frame, 1 on
-    frames to generate. `first_known` marks frame 0 of this run as the reference frame.
+    ref: (B, C, R, h, w) from `WanVAE.encode_reference`. R = 1: that latent at every position;
+    R > 1: position j gets ref[:, :, min(j, R - 1)]. → (B, C+1, F, h, w); the mask is 0 on the
+    known (reference) frame, 1 on frames to generate. `first_known` marks frame 0 of this run as
+    the reference frame.
     """
-    b, _, _, h, w = ref.shape
+    b, _, r, h, w = ref.shape
     mask = torch.ones(b, 1, num_frames, h, w, device=ref.device, dtype=ref.dtype)
     if first_known:
         mask[:, :, 0] = 0
-    return torch.cat([ref.expand(-1, -1, num_frames, -1, -1), mask], dim=1)
+    if r == 1:
+        lat = ref.expand(-1, -1, num_frames, -1, -1)
+    else:
+        pos = torch.arange(offset, offset + num_frames, device=ref.device).clamp(max=r - 1)
+        lat = ref.index_select(2, pos)
+    return torch.cat([lat, mask], dim=1)

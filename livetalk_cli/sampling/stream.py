@@ -137,7 +137,8 @@ class AvatarStream:
     def start(self, image: Tensor, prompt: str, seed: int = 0) -> None:
         """image: (3, H, W) in [-1, 1] at the preset's resolution."""
         m = self.model
-        ref = m.vae.encode(image[None, :, None].to(m.device, self.vae_dtype)).float()  # (1, C, 1, h, w)
+        image = image[None, :, None].to(m.device, self.vae_dtype)
+        ref = m.vae.encode_reference(image, self.cfg.still_reference_latents).float()  # (1, C, R, h, w)
         text_kv = m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
         self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
         self.vae_side = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)

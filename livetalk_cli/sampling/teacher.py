@@ -32,7 +32,7 @@ def teacher_sample(
     """Sample x0 from noise: (B, C, F, h, w).
 
     CFG in `uncond + w * (cond - uncond)` form (two forwards per step); `uncond=None` or
-    `guidance == 1` runs the conditional branch only. `ref` (B, C, 1, h, w) pins latent frame 0.
+    `guidance == 1` runs the conditional branch only. `ref` (B, C, R, h, w) pins latent frame 0 (its latent 0).
     Returns (x0, {step: x_step}) for the requested `keep_steps` (0 = the noise, num_steps = x0).
     """
     b, _, f, h, w = noise.shape
@@ -42,7 +42,7 @@ def teacher_sample(
     pin = torch.zeros(1, 1, f, 1, 1, device=noise.device)
     if ref is not None:
         pin[:, :, 0] = 1.0
-        ref = ref.to(noise.device, torch.float32)
+        ref = ref[:, :, :1].to(noise.device, torch.float32)
     else:
         ref = torch.zeros_like(noise[:, :, :1])
 
