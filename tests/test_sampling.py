@@ -111,6 +111,24 @@ def test_sinks_and_window_equal_masked_attention_with_eviction():
 
 
 @torch.no_grad()
+def test_reference_latents_given_block_by_block_equal_all_at_once():
+    # how AvatarStream feeds a still reference (StillReference.upto before each block)
+    cfg = tiny_cfg(sink_frames=3, window_frames=3)
+    dit = tiny_dit(cfg, seed=5)
+    text_kv = random_text_kv(dit, cfg)
+    noise, ref, audio = _stream_inputs(cfg, dit, n_blocks=4, seed=6, still=7)
+    _, whole = _cached_stream(cfg, dit, text_kv, noise, ref, audio)
+    sampler = BlockSampler(dit, cfg)
+    sampler.start(text_kv, ref[:, :, :3])
+    lazy = []
+    for n, nz in enumerate(noise):
+        sampler.extend_reference(ref[:, :, : (n + 1) * 3])
+        lazy.append(sampler.denoise_block(nz, audio[:, :, n * 3: (n + 1) * 3]))
+    for a, b in zip(lazy, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@torch.no_grad()
 def test_relative_rope_reindexing_after_eviction_matches_fresh_positions():
     cfg = tiny_cfg(sink_frames=3, window_frames=6, relative_rope=True)
     dit = tiny_dit(cfg)

@@ -14,6 +14,7 @@ from livetalk_cli.config import VAEConfig, preset, video_frames_for_latents
 from livetalk_cli.errors import CheckpointError
 from livetalk_cli.models.vae import (
     Resample,
+    StillReference,
     VAEStreamCache,
     WanVAE,
 )
@@ -201,6 +202,10 @@ def test_encode_reference_is_the_image_held_still(vae: WanVAE) -> None:
     assert (still[:, :, 1] - still[:, :, 0]).abs().max() > 1e-3
     with pytest.raises(ValueError):
         vae.encode_reference(image.expand(-1, -1, 5, -1, -1), 4)
+    # encoded as far as asked (a stream's blocks), the same latents
+    lazy = StillReference(vae, image, 4)
+    assert lazy.upto(2).shape[2] == 2 and lazy.upto(1).shape[2] == 2 and lazy.upto(9).shape[2] == 4
+    torch.testing.assert_close(lazy.upto(4), still, atol=0, rtol=0)
 
 
 def test_real_size_layout_on_meta() -> None:

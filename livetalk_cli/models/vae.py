@@ -345,10 +345,16 @@ class WanVAE(nn.Module):
             raise ValueError(
                 f"encode wants (B,3,1+{tf}k,H,W) with H, W multiples of {sf}; got {tuple(video.shape)}"
             )
-        cache = VAEStreamCache.empty(self.encoder.num_cache_slots)
+        cache = self.new_encode_cache()
         chunks = [video[:, :, :1], *(video[:, :, 1:].split(tf, dim=2) if t > 1 else ())]
-        feats = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)  # (B,2z,F,h,w)
-        mu = self.conv1(feats, None)[:, : self.cfg.z_dim]
+        return torch.cat([self.encode_step(chunk, cache) for chunk in chunks], dim=2)
+
+    def new_encode_cache(self) -> VAEStreamCache:
+        return VAEStreamCache.empty(self.encoder.num_cache_slots)
+
+    def encode_step(self, chunk: Tensor, cache: VAEStreamCache) -> Tensor:
+        """Continue an encoder stream: the first frame alone, then 4 frames per call → one latent."""
+        mu = self.conv1(self.encoder(chunk, cache), None)[:, : self.cfg.z_dim]  # conv1 is 1x1x1
         mean, std = self._stats(mu)
         return (mu - mean) / std
 
@@ -359,10 +365,7 @@ class WanVAE(nn.Module):
         latent; N > 0 encodes the image held still for 1 + 4(N-1) frames, one latent per position.
         Latent 0 is the single-frame latent either way (the encoder sees frame 0 alone).
         """
-        if image.ndim != 5 or image.shape[2] != 1:
-            raise ValueError(f"encode_reference wants (B,3,1,H,W); got {tuple(image.shape)}")
-        frames = 1 + self.cfg.temporal_factor * max(0, still_latents - 1)
-        return self.encode(image.expand(-1, -1, frames, -1, -1))
+        return StillReference(self, image, still_latents).upto(still_latents)
 
     def decode(self, z: Tensor) -> Tensor:
         """Whole latent sequence (B,z,F,h,w) in one call, no cache -> (B,3,1+4(F-1),8h,8w) in [-1,1]."""
@@ -384,6 +387,30 @@ class WanVAE(nn.Module):
         mean, std = self._stats(z)
         x = self.conv2(z * std + mean, None)
         return self.decoder(x, cache).clamp(-1.0, 1.0)
+
+
+class StillReference:
+    """`WanVAE.encode_reference`, encoded as far as a stream has got: `upto(n)` runs the causal
+    encoder over as many more still frames as latents [0, n) need (at most `still_latents`), so a
+    stream's first block only waits for its own positions.
+    """
+
+    def __init__(self, vae: WanVAE, image: Tensor, still_latents: int):
+        if image.ndim != 5 or image.shape[2] != 1:
+            raise ValueError(f"the reference image must be (B,3,1,H,W); got {tuple(image.shape)}")
+        self.vae, self.image, self.limit = vae, image, max(1, still_latents)
+        self.cache = vae.new_encode_cache()
+        with torch.no_grad():
+            self.latents = vae.encode_step(image, self.cache)
+
+    def upto(self, n: int) -> Tensor:
+        """(B, z, min(n, limit), h, w) — every latent encoded so far when it is more."""
+        tf = self.vae.cfg.temporal_factor
+        with torch.no_grad():
+            while self.latents.shape[2] < min(n, self.limit):
+                step = self.vae.encode_step(self.image.expand(-1, -1, tf, -1, -1), self.cache)
+                self.latents = torch.cat([self.latents, step], dim=2)
+        return self.latents
 
 
 def _init_buffers_after_load(module: nn.Module, incompatible_keys: object) -> None:

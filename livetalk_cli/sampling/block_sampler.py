@@ -108,33 +108,38 @@ class BlockSampler:
         self.cache.reset()
         self.block_index = 0
         self.text_kv = text_kv
-        f = self.cfg.stream.block_frames
         if ref_latent is None:
             if self.cfg.dit.has_reference:
                 raise ValueError("this model needs a reference latent")
             h, w = self.cfg.latent_hw
             self.ref = torch.zeros(self.cache.k.shape[1], self.cfg.dit.out_dim, 1, h, w, device=self.device)
-            self._y_first = self._y_rest = None
+            self.codes = None
             self._pin_first = self._pin_rest
         else:
-            codes = ref_latent.to(self.device, torch.float32)
-            self.ref = codes[:, :, :1]
-            self._y_first = reference_conditioning(codes, f, first_known=True)
-            # Still-reference latents change with position until the VAE encoder settles: one y per
-            # block up to there (built here, once), then the settled one for every later block.
-            r = codes.shape[2]
-            self._y_blocks = [reference_conditioning(codes, f, first_known=False, offset=b * f)
-                              for b in range(1, max(1, -(-r // f)))]
-            self._y_rest = reference_conditioning(codes, f, first_known=False, offset=max(r - 1, 0))
+            self.ref = ref_latent[:, :, :1].to(self.device, torch.float32)
+            self.codes = ref_latent.to(self.device, torch.float32)
+            self._y_cache: dict[tuple[bool, int, int], Tensor] = {}
             self._pin_first = self._pin_ref
+
+    def extend_reference(self, ref_latent: Tensor) -> None:
+        """More still-reference latents (`StillReference.upto`) for the blocks to come."""
+        if ref_latent.shape[2] > self.codes.shape[2]:
+            self.codes = ref_latent.to(self.device, torch.float32)
+
+    def _y(self, i: int) -> Tensor | None:
+        """Block i's `y`: the reference latents of its positions (past the last one known, the last).
+        Built once per distinct value, so a long stream reuses one tensor."""
+        if self.codes is None:
+            return None
+        f, r = self.cfg.stream.block_frames, self.codes.shape[2]
+        key = (i == 0, min(i * f, r - 1), r)
+        if key not in self._y_cache:
+            self._y_cache[key] = reference_conditioning(self.codes, f, first_known=i == 0, offset=i * f)
+        return self._y_cache[key]
 
     def _block_inputs(self, audio: Tensor | None) -> tuple[Conditioning, Tensor]:
         i = self.block_index
-        if i == 0 or self._y_first is None:
-            y = self._y_first
-        else:
-            y = self._y_blocks[i - 1] if i - 1 < len(self._y_blocks) else self._y_rest
-        return Conditioning(self.text_kv, y, audio), self._pin_first if i == 0 else self._pin_rest
+        return Conditioning(self.text_kv, self._y(i), audio), self._pin_first if i == 0 else self._pin_rest
 
     def denoise_block(self, noise: Tensor, audio: Tensor | None) -> Tensor:
         """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w).

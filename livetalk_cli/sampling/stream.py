@@ -27,7 +27,7 @@ from livetalk_cli.config import latents_for_video_frames
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import frame_features, samples_per_frame, window_frames
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
-from livetalk_cli.models.vae import WanVAE
+from livetalk_cli.models.vae import StillReference, WanVAE
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.sampling.block_sampler import BlockSampler
 
@@ -138,7 +138,9 @@ class AvatarStream:
         """image: (3, H, W) in [-1, 1] at the preset's resolution."""
         m = self.model
         image = image[None, :, None].to(m.device, self.vae_dtype)
-        ref = m.vae.encode_reference(image, self.cfg.still_reference_latents).float()  # (1, C, R, h, w)
+        # the first block waits only for its own positions' reference latents; later blocks extend them
+        self.reference = StillReference(m.vae, image, self.cfg.still_reference_latents)
+        ref = self.reference.upto(self.cfg.stream.block_frames).float()  # (1, C, R, h, w)
         text_kv = m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
         self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
         self.vae_side = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)
@@ -191,6 +193,8 @@ class AvatarStream:
         """wave: (S,) float32 16 kHz audio so far (sample 0 = frame 0) → the next block's clean latents
         (1, C, f, h, w) and the conditioning `refill` needs. Call `refill` before the next `sample`."""
         audio = self.block_audio(wave)
+        if self.cfg.dit.has_reference:
+            self.sampler.extend_reference(self.reference.upto((self.block + 1) * self.cfg.stream.block_frames).float())
         return self.sampler.denoise(self.block_noise(), audio)
 
     @torch.no_grad()
