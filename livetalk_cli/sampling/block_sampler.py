@@ -177,9 +177,5 @@ def reference_conditioning(ref: Tensor, num_frames: int, *, first_known: bool, o
     mask = torch.ones(b, 1, num_frames, h, w, device=ref.device, dtype=ref.dtype)
     if first_known:
         mask[:, :, 0] = 0
-    if r == 1:
-        lat = ref.expand(-1, -1, num_frames, -1, -1)
-    else:
-        pos = torch.arange(offset, offset + num_frames, device=ref.device).clamp(max=r - 1)
-        lat = ref.index_select(2, pos)
-    return torch.cat([lat, mask], dim=1)
+    pos = torch.arange(offset, offset + num_frames, device=ref.device).clamp(max=r - 1)
+    return torch.cat([ref.index_select(2, pos), mask], dim=1)

@@ -140,7 +140,7 @@ class AvatarStream:
         image = image[None, :, None].to(m.device, self.vae_dtype)
         # the first block waits only for its own positions' reference latents; later blocks extend them
         self.reference = StillReference(m.vae, image, self.cfg.still_reference_latents)
-        ref = self.reference.upto(self.cfg.stream.block_frames).float()  # (1, C, R, h, w)
+        ref = self.reference.upto(self.cfg.stream.block_frames)  # (1, C, R, h, w); the sampler keeps fp32
         text_kv = m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
         self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
         self.vae_side = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)
@@ -194,7 +194,7 @@ class AvatarStream:
         (1, C, f, h, w) and the conditioning `refill` needs. Call `refill` before the next `sample`."""
         audio = self.block_audio(wave)
         if self.cfg.dit.has_reference:
-            self.sampler.extend_reference(self.reference.upto((self.block + 1) * self.cfg.stream.block_frames).float())
+            self.sampler.extend_reference(self.reference.upto((self.block + 1) * self.cfg.stream.block_frames))
         return self.sampler.denoise(self.block_noise(), audio)
 
     @torch.no_grad()
