@@ -76,7 +76,8 @@ def test_compiled_stream_matches_eager(model):
     assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1  # rounding of fp32 reassociation
 
 
-def test_pipeline_worker_error_reaches_the_caller_and_the_thread_ends(model, monkeypatch):
+@pytest.mark.parametrize("fail_at, arrived", [(1, 0), (3, 3)])  # block 0 (sampled by the caller on CPU), block 2
+def test_pipeline_worker_error_reaches_the_caller_and_the_thread_ends(model, monkeypatch, fail_at, arrived):
     wave, image = inputs(model)
     stream = AvatarStream(model, StreamOptions(pipelined=True))
     stream.start(image, "", seed=0)
@@ -85,17 +86,18 @@ def test_pipeline_worker_error_reaches_the_caller_and_the_thread_ends(model, mon
 
     def failing(noise, audio):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom in block 3")
+        if calls["n"] == fail_at:
+            raise RuntimeError(f"boom in block {fail_at}")
         return real(noise, audio)
 
     monkeypatch.setattr(stream.sampler, "denoise", failing)
-    before = threading.active_count()
+    before, threads = threading.active_count(), torch.get_num_threads()
     got = []
-    with pytest.raises(RuntimeError, match="boom in block 3"):
+    with pytest.raises(RuntimeError, match=f"boom in block {fail_at}"):
         for v in stream_video(stream, wave, 6):
             got.append(v)
-    assert len(got) == 3  # block 0 (two chunks) and block 1 arrived before the error
+    assert len(got) == arrived  # block 0 (two chunks) and block 1 arrive before an error in block 2
+    assert torch.get_num_threads() == threads
     stream.close()
     assert threading.active_count() == before
 

@@ -254,7 +254,9 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
 
     Sequential: sample, decode, refill, block after block. Pipelined: the DiT (sample + refill) runs
     in a worker thread up to `depth` blocks ahead, while the caller's thread decodes (on GPU, on its
-    own CUDA stream), so block n+1 is denoised while block n is decoded. Both give identical frames.
+    own CUDA stream), so block n+1 is denoised while block n is decoded. On CPU the caller's thread
+    samples block 0 and decodes its first chunk itself first (the first frame), then the worker takes
+    over from block 0's refill. Both give identical frames.
     """
     if not stream.options.pipelined:
         for _ in range(num_blocks):
@@ -282,12 +284,26 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
     # threads beat 2 + 2 on both FPS and first-frame latency).
     total_threads = torch.get_num_threads()
     per_stage = max(1, total_threads // 2) if not cuda and stream.options.split_threads else total_threads
+    # On CPU the first frame comes first: block 0 is sampled and its first chunk decoded here, in
+    # order, with every thread (nothing could overlap them anyway), and the worker starts from
+    # block 0's refill. Handing block 0 to a half-size worker team cost the first frame ~60 ms on
+    # 2 cores; switching a thread's team size back and forth cost more than it saved.
+    first: tuple[Tensor, Conditioning] | None = None
+    head: list[Tensor] = []
+    rest: Iterator[Tensor] = iter(())
+    if not cuda and num_blocks > 0:
+        first = stream.sample(wave)
+        rest = stream.decode(first[0])
+        head.append(next(rest))
+        first_out.set()
 
     def produce() -> None:
         torch.set_num_threads(per_stage)  # this thread's team (and the BLAS pools)
         try:
             with torch.no_grad():  # grad mode is per thread
-                for n in range(num_blocks):
+                if first is not None:
+                    stream.refill(*first)
+                for n in range(0 if first is None else 1, num_blocks):
                     x0, cond = stream.sample(wave)
                     ready = None
                     if cuda:
@@ -307,6 +323,8 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
     torch.set_num_threads(per_stage)
     done = stream.worker().submit(produce)
     try:
+        yield from head
+        yield from rest  # block 0's later chunks, decoded while the worker refills and samples block 1
         while True:
             kind, x0, ready = q.get()
             if kind == "end":
