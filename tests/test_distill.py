@@ -430,10 +430,13 @@ def test_report_on_a_run(tiny_run, tmp_path):
     sinks = rep["sinks"]["variants"]
     gain = sinks["no_sinks"]["per_identity"][0] - sinks["with_sinks"]["per_identity"][0]
     assert rep["sinks"]["paired_gain"]["mean"] == pytest.approx(gain) and rep["sinks"]["paired_gain"]["n"] == 1
+    floor = rep["sinks"]["vae_floor"]
+    assert floor["frames"] == 29 and floor["identity_error"]["n"] == 1  # 2 s at 16 fps → 32 frames → 7 latents
+    assert 0 < floor["identity_error"]["mean"] < sinks["with_sinks"]["identity_error"]["mean"] + 0.5
     for name in ("anchored", "plain"):
         vs = rep["vae_stream"][name]
         assert vs["frames"] == 17 and 0 < vs["first_s"] < 255 and 0 < vs["last_s"] < 255
     assert rep["vae_stream"]["plain"]["anchor_every"] == 0
     assert json.loads((tmp_path / "report" / "report.json").read_text())["clips"] == 2
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| teacher |" in md and "## Targets" in md and "| VAE stream" in md
+    assert "| teacher |" in md and "## Targets" in md and "| VAE stream" in md and "| VAE alone" in md

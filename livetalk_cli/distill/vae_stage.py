@@ -192,6 +192,23 @@ def encode_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def stream_roundtrip_frames(vae: WanVAE, frames: np.ndarray, chunk_frames: int, block_frames: int,
+                            anchor_every: int = 0, history: int = 2) -> np.ndarray:
+    """uint8 (T, H, W, 3), T = 1 + 4k → the frames as a stream shows their true latents: encoded in
+    `chunk_frames` chunks (`encode_chunked`, the latents the DiT learns) and decoded `block_frames`
+    latents at a time by `VAEStream`, as `livetalk render` decodes (re-anchored every `anchor_every`
+    blocks)."""
+    device = next(vae.parameters()).device
+    z = encode_chunked(vae, video_tensor(frames)[None].to(device), chunk_frames)
+    stream = VAEStream(vae, anchor_every, history)
+    parts = []
+    for s in range(0, z.shape[2], block_frames):
+        stream.begin_block()
+        parts.append(frames_to_uint8(stream.decode(z[:, :, s: s + block_frames])))
+    return np.concatenate(parts)[: frames.shape[0]]
+
+
 def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_frames: int, anchor_every: int = 0,
                         history: int = 2) -> dict[str, float]:
     """Mean |decoded - true| (0..255) of held-out world streams of `num_frames` frames, encoded in
@@ -199,18 +216,12 @@ def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_fram
     (`VAEStream`, re-anchored every `anchor_every` blocks): over the first second, the last second
     and all frames. A decoder that drifts on long streams shows last >> first."""
     cfg = ctx.recipe.model
-    bf, fps = cfg.stream.block_frames, cfg.fps
+    fps = cfg.fps
     errs = []
     for k in range(num_clips):
         clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 700_000 + k, num_frames)
-        video = video_tensor(clip.frames)[None].to(ctx.device)
-        z = encode_chunked(vae, video, ctx.recipe.world.clip_frames)
-        stream = VAEStream(vae, anchor_every, history)
-        parts = []
-        for s in range(0, z.shape[2], bf):
-            stream.begin_block()
-            parts.append(frames_to_uint8(stream.decode(z[:, :, s: s + bf])))
-        out = np.concatenate(parts)[:num_frames]
+        out = stream_roundtrip_frames(vae, clip.frames, ctx.recipe.world.clip_frames, cfg.stream.block_frames,
+                                      anchor_every, history)
         errs.append(np.abs(out.astype(np.int16) - clip.frames.astype(np.int16)).mean(axis=(1, 2, 3)))
     e = np.mean(errs, axis=0)
     return {"first_s": float(e[1: 1 + fps].mean()), "last_s": float(e[-fps:].mean()), "all": float(e.mean()),
