@@ -36,6 +36,7 @@ import math
 import platform
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.pipeline import LoadedModel, load_model
 from livetalk_cli.sampling.stream import AvatarStream, blocks_for_video_frames, frames_to_uint8, stream_video
 from livetalk_cli.sampling.teacher import teacher_sample
-from livetalk_cli.world.metrics import evaluate_video, identity_error
+from livetalk_cli.world.metrics import evaluate_video
 
 METRICS = ("lip_sync_corr", "lip_sync_offset", "identity_error", "flicker", "black_frames", "frozen_frames")
 
@@ -156,22 +157,33 @@ def sink_study(model: LoadedModel, ctx: StageContext, seconds: float, identities
     out: dict[str, Any] = {}
     for name, stream_cfg in variants.items():
         m = dataclasses.replace(model, cfg=cfg.replace(stream=stream_cfg))
-        windows, drifts, means = [], [], []
-        for i in range(identities):
-            clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 900_000 + i, n)
-            frames, _ = stream_frames(m, clip.reference, clip.prompt, clip.audio, n, seed=i)
-            res = evaluate_video(frames, clip.audio, cfg.audio.sample_rate, cfg.fps, clip.reference)
-            windows.append(res["identity_error_windows"])
-            drifts.append(res["drift_per_min"])
-            means.append(float(identity_error(frames, clip.reference).mean()))
-        out[name] = {"identity_error": ci95(means), "drift_per_min": ci95(drifts),
-                     "identity_error_per_10s": np.mean(np.asarray(windows), axis=0).tolist(),
-                     "per_identity": means,
-                     "sink_frames": stream_cfg.sink_frames, "window_frames": stream_cfg.window_frames}
+        out[name] = identity_over_time(
+            ((stream_frames(m, clip.reference, clip.prompt, clip.audio, n, seed=i)[0], clip)
+             for i, clip in enumerate(sink_clips(ctx, cfg, n, identities))), cfg)
+        out[name].update(sink_frames=stream_cfg.sink_frames, window_frames=stream_cfg.window_frames)
     # Same identities, audio and noise seeds in both variants: the per-identity difference is the
     # sharper test (its interval excludes 0 when the sinks help beyond identity-to-identity spread).
     gain = np.asarray(out["no_sinks"]["per_identity"]) - np.asarray(out["with_sinks"]["per_identity"])
     return {"variants": out, "paired_gain": ci95(gain.tolist()), "vae_floor": vae_floor(model, ctx, n, identities)}
+
+
+def sink_clips(ctx: StageContext, cfg: Any, num_frames: int, identities: int) -> Iterator[Any]:
+    """The sink study's held-out identities (their world clips of `num_frames` frames)."""
+    for i in range(identities):
+        yield world_clip(cfg, ctx.recipe.world.heldout_seed + 900_000 + i, num_frames)
+
+
+def identity_over_time(videos: Iterable[tuple[np.ndarray, Any]], cfg: Any) -> dict[str, Any]:
+    """(frames, world clip) per identity → identity error (per identity, mean with its interval), its
+    drift per minute, and its mean per 10-s window."""
+    windows, drifts, means = [], [], []
+    for frames, clip in videos:
+        res = evaluate_video(frames, clip.audio, cfg.audio.sample_rate, cfg.fps, clip.reference)
+        windows.append(res["identity_error_windows"])
+        drifts.append(res["drift_per_min"])
+        means.append(res["identity_error"])
+    return {"identity_error": ci95(means), "drift_per_min": ci95(drifts),
+            "identity_error_per_10s": np.mean(np.asarray(windows), axis=0).tolist(), "per_identity": means}
 
 
 def vae_floor(model: LoadedModel, ctx: StageContext, num_frames: int, identities: int) -> dict[str, Any]:
@@ -180,18 +192,13 @@ def vae_floor(model: LoadedModel, ctx: StageContext, num_frames: int, identities
     identity error and drift the VAE brings are the part that no KV cache (sinks or not) can change."""
     cfg = model.cfg
     n = 1 + (num_frames - 1) // cfg.vae.temporal_factor * cfg.vae.temporal_factor  # whole latents
-    windows, drifts, means = [], [], []
-    for i in range(identities):
-        clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 900_000 + i, n)
-        frames = stream_roundtrip_frames(model.vae, clip.frames, ctx.recipe.world.clip_frames,
-                                         cfg.stream.block_frames, cfg.stream.vae_anchor_every,
-                                         cfg.stream.vae_anchor_history)
-        res = evaluate_video(frames, clip.audio, cfg.audio.sample_rate, cfg.fps, clip.reference)
-        windows.append(res["identity_error_windows"])
-        drifts.append(res["drift_per_min"])
-        means.append(float(identity_error(frames, clip.reference).mean()))
-    return {"identity_error": ci95(means), "drift_per_min": ci95(drifts),
-            "identity_error_per_10s": np.mean(np.asarray(windows), axis=0).tolist(), "frames": n}
+    sc, clip_frames = cfg.stream, ctx.recipe.world.clip_frames
+    out = identity_over_time(
+        ((stream_roundtrip_frames(model.vae, clip.frames, clip_frames, sc.block_frames, sc.vae_anchor_every,
+                                  sc.vae_anchor_history), clip)
+         for clip in sink_clips(ctx, cfg, n, identities)), cfg)
+    out["frames"] = n
+    return out
 
 
 def render_speed(model: LoadedModel, ctx: StageContext, seconds: float) -> dict[str, float]:
@@ -327,16 +334,13 @@ def markdown(rep: dict[str, Any]) -> str:
               f"| VAE decode (separate; the anchor's share included) | {fl['vae_decode_per_frame'] / 1e9:.3f} GFLOP |"]
     if "sinks" in rep:
         lines += ["", "| 60-s stream | identity error | drift / min | per 10 s |", "|---|---|---|---|"]
-        for name, d in rep["sinks"]["variants"].items():
-            per = ", ".join(f"{v:.3f}" for v in d["identity_error_per_10s"])
-            lines.append(f"| {name} (sinks {d['sink_frames']}, window {d['window_frames']}) | "
-                         f"{d['identity_error']['mean']:.4f} ± {d['identity_error']['ci95']:.4f} | "
-                         f"{d['drift_per_min']['mean']:+.4f} | {per} |")
+        rows = [(f"{name} (sinks {d['sink_frames']}, window {d['window_frames']})", d)
+                for name, d in rep["sinks"]["variants"].items()]
         if "vae_floor" in rep["sinks"]:
-            d = rep["sinks"]["vae_floor"]
+            rows.append(("VAE alone (the same true frames, chunk-encoded, stream-decoded)", rep["sinks"]["vae_floor"]))
+        for label, d in rows:
             per = ", ".join(f"{v:.3f}" for v in d["identity_error_per_10s"])
-            lines.append(f"| VAE alone (the same true frames, chunk-encoded, stream-decoded) | "
-                         f"{d['identity_error']['mean']:.4f} ± {d['identity_error']['ci95']:.4f} | "
+            lines.append(f"| {label} | {d['identity_error']['mean']:.4f} ± {d['identity_error']['ci95']:.4f} | "
                          f"{d['drift_per_min']['mean']:+.4f} | {per} |")
         g = rep["sinks"]["paired_gain"]
         lines += ["", f"Paired gain of the sinks (no-sinks minus sinks identity error, per identity, same audio "

@@ -192,7 +192,6 @@ def encode_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def stream_roundtrip_frames(vae: WanVAE, frames: np.ndarray, chunk_frames: int, block_frames: int,
                             anchor_every: int = 0, history: int = 2) -> np.ndarray:
     """uint8 (T, H, W, 3), T = 1 + 4k → the frames as a stream shows their true latents: encoded in

@@ -11,6 +11,7 @@ Legend: B batch, C latent channels, f block frames, T video frames, H/W image si
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -289,12 +290,11 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
     # block 0's refill. Handing block 0 to a half-size worker team cost the first frame ~60 ms on
     # 2 cores; switching a thread's team size back and forth cost more than it saved.
     first: tuple[Tensor, Conditioning] | None = None
-    head: list[Tensor] = []
-    rest: Iterator[Tensor] = iter(())
+    block0: Iterator[Tensor] = iter(())  # block 0's chunks, the first one already decoded
     if not cuda and num_blocks > 0:
         first = stream.sample(wave)
-        rest = stream.decode(first[0])
-        head.append(next(rest))
+        parts = stream.decode(first[0])
+        block0 = itertools.chain([next(parts)], parts)
         first_out.set()
 
     def produce() -> None:
@@ -323,8 +323,7 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
     torch.set_num_threads(per_stage)
     done = stream.worker().submit(produce)
     try:
-        yield from head
-        yield from rest  # block 0's later chunks, decoded while the worker refills and samples block 1
+        yield from block0  # its later chunks are decoded while the worker refills and samples block 1
         while True:
             kind, x0, ready = q.get()
             if kind == "end":
