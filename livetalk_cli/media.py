@@ -24,7 +24,7 @@ from typing import Any, Literal, Self
 import av
 import numpy as np
 import torch
-from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc, VideoReformatter
 from PIL import Image, ImageOps
 
 from livetalk_cli.errors import MediaError
@@ -193,6 +193,9 @@ class VideoWriter:
     """Stream RGB frames into an MP4: H.264 (libx264, yuv420p, BT.709 limited range) at `fps`
     plus AAC audio, with the moov atom first (faststart).
 
+    `preset` is x264's speed preset: "veryfast" by default, which at the same `crf` (quality)
+    encodes about 1.5-3x faster than x264's "medium"; pass "medium" or slower for smaller files.
+
     Frames go to a hidden temporary file in the destination's directory, which is renamed onto
     `path` only by a successful `close()`; `abort()`, an exception inside the `with` block, or
     a failed close removes it and leaves nothing at `path`.
@@ -216,6 +219,7 @@ class VideoWriter:
         audio: np.ndarray | None,
         sample_rate: int = SAMPLE_RATE,
         crf: int = 18,
+        preset: str = "veryfast",
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even for yuv420p, got {width}x{height}")
@@ -244,7 +248,7 @@ class VideoWriter:
             self._video = self._container.add_stream("libx264", rate=self.fps)
             self._video.width, self._video.height = width, height
             self._video.pix_fmt = "yuv420p"
-            self._video.options = {"crf": str(crf)}
+            self._video.options = {"crf": str(crf), "preset": preset}
             ctx = self._video.codec_context
             ctx.colorspace, ctx.color_range = Colorspace.ITU709, ColorRange.MPEG
             ctx.color_primaries, ctx.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
@@ -253,6 +257,12 @@ class VideoWriter:
                 self._astream.layout = "mono"
                 self._astream.format = "fltp"
                 self._astream.bit_rate = AAC_BIT_RATE
+                # FFmpeg's "fast" AAC coder: 7x less CPU than its default two-loop search (measured:
+                # 0.17 s -> 0.024 s for 5 s of 16 kHz speech), which was 7 % of a CPU render.
+                self._astream.options = {"aac_coder": "fast"}
+            # One reformatter for the whole file keeps its swscale context: a new one per frame
+            # cost 1.3 ms of a 96x96 frame's conversion (7x the shared one).
+            self._rgb_to_yuv = VideoReformatter()
         except BaseException as err:
             self.abort()
             if isinstance(err, _AV_ERRORS):
@@ -304,7 +314,8 @@ class VideoWriter:
         try:
             for rgb_HW3 in frames:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb_HW3), format="rgb24")
-                frame = frame.reformat(
+                frame = self._rgb_to_yuv.reformat(
+                    frame,
                     format="yuv420p",
                     src_colorspace=Colorspace.ITU709,
                     dst_colorspace=Colorspace.ITU709,
