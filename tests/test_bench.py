@@ -194,21 +194,22 @@ def test_cuda_graphs_and_cuda_stream_pipeline_match_eager():
 
 def test_cuda_graph_argument_slots_round_trip():
     """What CudaGraphed copies into static buffers (the capture itself needs CUDA)."""
+    from livetalk_cli.models.attention import KVWindow
     from livetalk_cli.models.dit import Conditioning
-    from livetalk_cli.sampling.accel import _flatten, _signature, _unflatten
+    from livetalk_cli.sampling.accel import _signature, _with_tensors
 
-    module, cache = torch.nn.Linear(2, 2), object()
+    module = torch.nn.Linear(2, 2)
+    window = KVWindow(torch.zeros(1, 1, 2, 1, 2), torch.zeros(1, 1, 2, 1, 2), torch.ones(2, 1), torch.ones(2, 1), None)
     cond = Conditioning([(torch.ones(1, 3), torch.zeros(1, 3))], None, torch.ones(2))
-    args = (module, cache, torch.randn(4), cond)
-    leaves: list[torch.Tensor] = []
-    tree = _flatten(args, leaves)
-    assert len(leaves) == 4  # noise, text k, text v, audio; modules and the cache are kept by identity
-    back = _unflatten(tree, [t.clone() for t in leaves])
-    assert back[0] is module and back[1] is cache and back[3].y is None
+    args = (module, window, torch.randn(4), cond)
+    leaves, key = _signature(args)
+    assert len(leaves) == 4  # noise, text k, text v, audio; the module and the cache's window by address
+    back = _with_tensors(args, [t.clone() for t in leaves])
+    assert back[0] is module and back[1] is window and back[3].y is None
     assert torch.equal(back[3].text_kv[0][0], cond.text_kv[0][0]) and back[3].text_kv[0][0] is not cond.text_kv[0][0]
-    same: list[torch.Tensor] = []
-    assert _signature(_flatten(args, same), same) == _signature(tree, leaves)
-    for changed in ((module, cache, torch.randn(5), cond),  # a new shape: re-capture
-                    (module, cache, torch.randn(4), Conditioning(cond.text_kv, torch.ones(1), cond.audio))):
-        other: list[torch.Tensor] = []
-        assert _signature(_flatten(changed, other), other) != _signature(tree, leaves)
+    assert _signature(args)[1] == key
+    other_window = KVWindow(window.k, window.v, window.cos, window.sin, torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    for changed in ((module, window, torch.randn(5), cond),  # a new shape: re-capture
+                    (module, window, torch.randn(4), Conditioning(cond.text_kv, torch.ones(1), cond.audio)),
+                    (module, other_window, torch.randn(4), cond)):  # the masked window: another graph
+        assert _signature(changed)[1] != key

@@ -40,8 +40,9 @@ from livetalk_cli.distill.trainer import (
     wrap,
 )
 from livetalk_cli.models.dit import Conditioning
+from livetalk_cli.sampling.block_sampler import denoise, refill
 from livetalk_cli.sampling.kv_cache import BlockKVCache
-from livetalk_cli.sampling.schedule import renoise, sampling_sigmas, shift_sigma
+from livetalk_cli.sampling.schedule import sampling_sigmas, shift_sigma
 
 
 class Rollout(nn.Module):
@@ -60,9 +61,10 @@ class Rollout(nn.Module):
         k, b, _, f, h, w = noise.shape
         bf = self.stream.block_frames
         _, ph, pw = dit.cfg.patch_size
-        # Training keeps every earlier block (no sinks, no window), as LiveTalk trains.
+        # Training keeps every earlier block (no sinks, no window), as LiveTalk trains; nothing is
+        # evicted, so absolute and relative positions coincide (absolute needs no pre-RoPE copy).
         stream = StreamConfig(block_frames=bf, num_steps=k, shift=self.stream.shift, sink_frames=0,
-                              window_frames=f - bf, relative_rope=True)
+                              window_frames=f - bf, relative_rope=False)
         cache = BlockKVCache(dit.cfg, stream, (h // ph, w // pw), batch=b, device=noise.device,
                              dtype=next(dit.parameters()).dtype)
         cond = self.flow.conditioning(context, audio, ref, f)
@@ -70,24 +72,14 @@ class Rollout(nn.Module):
         pin0 = torch.zeros(1, 1, bf, 1, 1, device=noise.device)
         pin0[:, :, 0] = 1
         outputs = []
-        for blk in range(f // bf):
+        for blk in range(f // bf):  # the sampler's per-block sequence: denoise, refill, commit
             fs = slice(blk * bf, (blk + 1) * bf)
             cb = Conditioning(cond.text_kv, cond.y[:, :, fs], cond.audio[:, :, fs])
             pin = pin0 if blk == 0 else torch.zeros_like(pin0)
-            x, x0 = noise[0, :, :, fs], None
-            for i in range(exit_step + 1):
-                x = x * (1 - pin) + ref * pin
-                with torch.set_grad_enabled(torch.is_grad_enabled() and i == exit_step):
-                    t = (self.sigmas[i] * 1000).expand(b, bf)
-                    v = dit(x, t, cb, cache)
-                    x0 = (x - self.sigmas[i] * v) * (1 - pin) + ref * pin
-                if i < exit_step:
-                    x = renoise(x0.detach(), noise[i + 1, :, :, fs], self.sigmas[i + 1])
-            assert x0 is not None
+            x0 = denoise(dit, cache.window(), noise[:, :, :, fs], self.sigmas, cb, ref, pin, grad_step=exit_step)
             outputs.append(x0)
             with torch.no_grad():
-                dit(x0.detach(), torch.zeros(b, bf, device=noise.device), cb, cache)  # refill at t = 0
-            cache.commit()
+                cache.commit(*refill(dit, cache.window(), x0.detach(), cb))
         return torch.cat(outputs, dim=2)
 
 

@@ -2,14 +2,17 @@
 
 The DiT never decides where its keys come from: each self-attention call goes through a
 `SelfAttention` context. `SequenceAttention` attends within the tokens of the current forward
-(bidirectional teacher, or block-causal training/reference with a mask); `BlockKVCache`
-(sampling/kv_cache.py) attends over identity sinks + ring window + the block being denoised.
+(bidirectional teacher, or block-causal training/reference with a mask); `WindowAttention`
+attends over a `KVWindow` — the cached identity sinks + ring window that `BlockKVCache`
+(sampling/kv_cache.py) owns — plus the block being denoised, and hands back the block's own K/V.
 
-Legend: B batch, L tokens, H heads, D head_dim, F latent frames, S tokens per frame.
+Legend: B batch, L tokens, H heads, D head_dim, F latent frames, S tokens per frame,
+Np cached (past) tokens, Nb tokens of the block, NL layers, P = D // 2.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -80,3 +83,51 @@ def expand_frame_mask(frame_mask: Tensor, tokens_per_frame: int) -> Tensor:
     """(Fq, Fk) frame mask → (Fq*S, Fk*S) token mask."""
     s = tokens_per_frame
     return frame_mask.repeat_interleave(s, dim=0).repeat_interleave(s, dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class KVWindow:
+    """The cache side of the engine contract: what one DiT pass of a block reads.
+
+    k, v: (NL, B, Np, H, D) the past window ([sinks | ring]); keys are already rotated at their
+    temporal positions (RoPE is applied once, when a block is committed). cos, sin: (Nb, P) fp32
+    RoPE tables of the block being denoised (its queries and its own keys). mask: (1, 1, 1, Np + Nb)
+    bool, True = may attend, or None once every slot holds a committed frame (so SDPA may take its
+    unmasked kernels). Static shapes: the same tensors, updated in place, for a whole stream.
+    """
+
+    k: Tensor
+    v: Tensor
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None
+
+
+class WindowAttention:
+    """Self-attention of a block over a `KVWindow` plus the block itself (the engine contract).
+
+    Never writes into the window: with `keep_kv` it collects each layer's new K (after the q/k
+    norm, before RoPE) and V, which `BlockKVCache.commit` stores between passes.
+    """
+
+    def __init__(self, window: KVWindow, keep_kv: bool = False):
+        self.window, self.keep_kv = window, keep_kv
+        self.new_k: list[Tensor] = []
+        self.new_v: list[Tensor] = []
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        w = self.window
+        cos, sin, mask = w.cos, w.sin, w.mask
+        if torch.is_grad_enabled():  # training: autograd must not save tensors a commit overwrites
+            cos, sin = cos.clone(), sin.clone()
+            mask = None if mask is None else mask.clone()
+        if self.keep_kv:
+            self.new_k.append(k)
+            self.new_v.append(v)
+        k_all = torch.cat([w.k[layer], apply_rope(k, cos, sin).to(w.k.dtype)], dim=1)
+        v_all = torch.cat([w.v[layer], v.to(w.v.dtype)], dim=1)
+        return attention(apply_rope(q, cos, sin), k_all, v_all, mask)
+
+    def block_kv(self) -> tuple[Tensor, Tensor]:
+        """(NL, B, Nb, H, D) pre-RoPE keys and values of the block, one layer after another."""
+        return torch.stack(self.new_k), torch.stack(self.new_v)

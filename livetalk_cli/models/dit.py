@@ -174,6 +174,10 @@ class Conditioning:
     audio: Tensor | None = None
 
 
+# A pytree node: torch.compile, torch.export and CUDA-graph capture see its tensors as inputs.
+torch.export.register_dataclass(Conditioning)
+
+
 class WanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()

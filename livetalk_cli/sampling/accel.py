@@ -1,78 +1,53 @@
 """Optional speed-ups for the block sampler's hot path: `torch.compile` and CUDA-graph replay.
 
 Both rely on what `block_sampler` guarantees: static shapes, no host syncs, and a KV cache whose
-tensors are updated in place (their addresses never change during a stream).
+tensors are updated in place between blocks (their addresses never change during a stream).
 
 `CudaGraphed` captures one function call into a CUDA graph and replays it. Every tensor argument
-(noise, conditioning, reference, pin) is copied into a static buffer before each replay, so callers
-pass fresh tensors as usual; modules and the KV cache are captured by address. The returned tensor
-is a copy of the graph's static output (the next replay overwrites that).
+(noise, conditioning — a registered pytree —, reference, pin) is copied into a static buffer before
+each replay, so callers pass fresh tensors as usual; modules and the cache's `KVWindow` are captured
+by address (a different window object, e.g. the unmasked one once the cache is full, is a new
+graph). The returned tensors are copies of the graph's static outputs (the next replay overwrites
+those).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from livetalk_cli.errors import UserError
-from livetalk_cli.models.dit import Conditioning
+from livetalk_cli.models.attention import KVWindow
 
 log = logging.getLogger(__name__)
 
 
-def _flatten(obj: Any, out: list[Tensor]) -> Any:
-    """Replace every tensor in args (through lists, tuples and Conditioning) by its index in `out`."""
-    if isinstance(obj, Tensor):
-        out.append(obj)
-        return _Leaf(len(out) - 1)
-    if isinstance(obj, Conditioning):
-        return _Cond(_flatten(obj.text_kv, out), _flatten(obj.y, out), _flatten(obj.audio, out))
-    if isinstance(obj, list | tuple):
-        return type(obj)(_flatten(x, out) for x in obj)
-    return obj  # modules, the KV cache, None: used by address
+def _is_leaf(obj: Any) -> bool:
+    """Pytree leaves: tensors are copied into static buffers; modules and `KVWindow`s (the cache's
+    persistent buffers, updated in place between blocks) are captured by address."""
+    return isinstance(obj, KVWindow | torch.nn.Module)
 
 
-def _unflatten(tree: Any, leaves: list[Tensor]) -> Any:
-    if isinstance(tree, _Leaf):
-        return leaves[tree.index]
-    if isinstance(tree, _Cond):
-        return Conditioning(_unflatten(tree.text_kv, leaves), _unflatten(tree.y, leaves),
-                            _unflatten(tree.audio, leaves))
-    if isinstance(tree, list | tuple):
-        return type(tree)(_unflatten(x, leaves) for x in tree)
-    return tree
+def _signature(args: Any) -> tuple[list[Tensor], tuple]:
+    """The tensors of args, and a key that changes when the argument structure, a tensor's shape,
+    dtype or device, or a by-address object (module, window) changes."""
+    leaves, spec = tree_flatten(args, is_leaf=_is_leaf)
+    tensors = [x for x in leaves if isinstance(x, Tensor)]
+    objects = tuple(("tensor", x.shape, x.dtype, x.device) if isinstance(x, Tensor) else ("object", id(x))
+                    for x in leaves)
+    return tensors, (str(spec), objects)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-    index: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cond:
-    text_kv: Any
-    y: Any
-    audio: Any
-
-
-def _structure(tree: Any) -> Any:
-    """The argument structure: tensor slots by index, other objects (modules, the cache) by identity."""
-    if isinstance(tree, _Leaf):
-        return ("tensor", tree.index)
-    if isinstance(tree, _Cond):
-        return ("cond", _structure(tree.text_kv), _structure(tree.y), _structure(tree.audio))
-    if isinstance(tree, list | tuple):
-        return (type(tree).__name__, *(_structure(x) for x in tree))
-    return ("object", id(tree))
-
-
-def _signature(tree: Any, leaves: list[Tensor]) -> tuple:
-    return (_structure(tree), tuple((t.shape, t.dtype, t.device) for t in leaves))
+def _with_tensors(args: Any, tensors: list[Tensor]) -> Any:
+    """args with its tensors replaced, in order, by `tensors`."""
+    leaves, spec = tree_flatten(args, is_leaf=_is_leaf)
+    it = iter(tensors)
+    return tree_unflatten([next(it) if isinstance(x, Tensor) else x for x in leaves], spec)
 
 
 class CudaGraphed:
@@ -87,24 +62,22 @@ class CudaGraphed:
         self._pool = None
 
     def __call__(self, *args: Any) -> Any:
-        leaves: list[Tensor] = []
-        tree = _flatten(args, leaves)
+        leaves, key = _signature(args)
         if not leaves or leaves[0].device.type != "cuda":
             raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
-        key = _signature(tree, leaves)
         if key != self._key:
-            self._capture(tree, leaves, key)
+            self._capture(args, leaves, key)
         else:
             for dst, src in zip(self._static, leaves, strict=True):
                 dst.copy_(src)
         assert self._graph is not None
         self._graph.replay()
-        return self._out.clone() if isinstance(self._out, Tensor) else self._out  # next replay overwrites
+        return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, self._out)  # next replay overwrites
 
-    def _capture(self, tree: Any, leaves: list[Tensor], key: tuple) -> None:
+    def _capture(self, args: Any, leaves: list[Tensor], key: tuple) -> None:
         log.info("capturing a CUDA graph of %s", getattr(self.fn, "__name__", self.fn))
         self._static = [t.clone() for t in leaves]
-        args = _unflatten(tree, self._static)
+        args = _with_tensors(args, self._static)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (allocator, cuBLAS/cuDNN plans) off the capture

@@ -4,6 +4,10 @@ Per block: `num_steps` denoising steps (x0 prediction, then re-noise to the next
 noise), then one more pass at t = 0 (the refill) that writes the block's clean K/V into the cache.
 In block 0 the first latent frame is the reference image's latent, pinned at every step.
 
+`dit_pass` is the engine contract: tensors in (noisy latents, timesteps, conditioning, the
+`KVWindow`), tensors out (flow, the block's K/V); it writes nothing. `denoise`, `refill` and
+`block_step` are the host loop over it, written once: `BlockSampler` (render, bench, serving)
+and DMD's rollout both run them, and `BlockKVCache.commit` stores the block between blocks.
 `block_step` is the hot path: static shapes, no host syncs, so it compiles with
 `torch.compile(fullgraph=True)`. Everything that changes between blocks (conditioning, the pin
 mask) enters as tensors of fixed shape.
@@ -17,60 +21,89 @@ import torch
 from torch import Tensor
 
 from livetalk_cli.config import ModelConfig
+from livetalk_cli.models.attention import KVWindow, WindowAttention
 from livetalk_cli.models.dit import Conditioning, WanDiT
 from livetalk_cli.sampling.kv_cache import BlockKVCache
 from livetalk_cli.sampling.schedule import renoise, sampling_sigmas
 
 
+def dit_pass(dit: WanDiT, x: Tensor, t: Tensor, cond: Conditioning, window: KVWindow, *, keep_kv: bool = False
+             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One DiT pass of a block: the engine contract, a pure function of tensors.
+
+    x: (B, C, f, h, w) noisy latents; t: (B, f) timesteps; cond: text K/V, `y`, audio; window: the
+    past K/V window, the block's RoPE tables and the valid slots. Returns the flow v (B, C, f, h, w)
+    and, with `keep_kv`, the block's K (pre-RoPE) and V, each (NL, B, f*S, H, D) — what
+    `BlockKVCache.commit` stores. Nothing is written anywhere: eager, compiled, graph-captured and
+    exported runs of this function are interchangeable.
+    """
+    attn = WindowAttention(window, keep_kv)
+    v = dit(x, t, cond, attn)
+    if not keep_kv:
+        return v, None, None
+    k_blk, v_blk = attn.block_kv()
+    return v, k_blk, v_blk
+
+
 def denoise(
     dit: WanDiT,
-    cache: BlockKVCache,
+    window: KVWindow,
     noise: Tensor,
     sigmas: Tensor,
     cond: Conditioning,
     ref: Tensor,
     pin: Tensor,
+    grad_step: int | None = None,
 ) -> Tensor:
-    """Denoise one block over the cached context (the cache's current-block K/V are scratch).
+    """Denoise one block over the cached window.
 
     noise: (K, B, C, f, h, w), one draw per step; sigmas: (K,) fp32; ref: (B, C, 1, h, w)
     reference latent; pin: (1, 1, f, 1, 1), 1 where the frame is the pinned reference.
+    `grad_step` (DMD's rollout): run steps 0..grad_step only, with autograd on that step alone.
     Returns x0 (B, C, f, h, w).
     """
-    num_steps = noise.shape[0]
+    num_steps = noise.shape[0] if grad_step is None else grad_step + 1
     b, _, f = noise.shape[1:4]
     keep = 1 - pin
-    x = noise[0]
-    x0 = x
-    for i in range(num_steps):
+
+    def step(x: Tensor, i: int) -> Tensor:
         x = x * keep + ref * pin
-        t = (sigmas[i] * 1000).expand(b, f)
-        v = dit(x, t, cond, cache)
-        x0 = (x - sigmas[i] * v) * keep + ref * pin
+        v = dit_pass(dit, x, (sigmas[i] * 1000).expand(b, f), cond, window)[0]
+        return (x - sigmas[i] * v) * keep + ref * pin
+
+    x = x0 = noise[0]
+    for i in range(num_steps):
+        if grad_step is None:
+            x0 = step(x, i)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i == grad_step):
+                x0 = step(x, i)
         if i + 1 < num_steps:
             x = renoise(x0, noise[i + 1], sigmas[i + 1])
     return x0
 
 
-def refill(dit: WanDiT, cache: BlockKVCache, x0: Tensor, cond: Conditioning) -> None:
-    """The t = 0 pass that writes the block's clean K/V into the cache (the caller commits)."""
+def refill(dit: WanDiT, window: KVWindow, x0: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
+    """The t = 0 pass over the clean block: its K/V, for `BlockKVCache.commit`."""
     b, _, f = x0.shape[:3]
-    dit(x0, torch.zeros(b, f, device=x0.device), cond, cache)
+    _, k_blk, v_blk = dit_pass(dit, x0, torch.zeros(b, f, device=x0.device), cond, window, keep_kv=True)
+    assert k_blk is not None and v_blk is not None
+    return k_blk, v_blk
 
 
 def block_step(
     dit: WanDiT,
-    cache: BlockKVCache,
+    window: KVWindow,
     noise: Tensor,
     sigmas: Tensor,
     cond: Conditioning,
     ref: Tensor,
     pin: Tensor,
-) -> Tensor:
-    """`denoise` then `refill`, as one function (one compiled graph). Returns x0."""
-    x0 = denoise(dit, cache, noise, sigmas, cond, ref, pin)
-    refill(dit, cache, x0, cond)
-    return x0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`denoise` then `refill`, as one function (one compiled graph). Returns x0 and the block's K/V."""
+    x0 = denoise(dit, window, noise, sigmas, cond, ref, pin)
+    k_blk, v_blk = refill(dit, window, x0, cond)
+    return x0, k_blk, v_blk
 
 
 class BlockSampler:
@@ -145,23 +178,22 @@ class BlockSampler:
         """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w).
         Denoise, refill and commit: the next call continues the stream."""
         cond, pin = self._block_inputs(audio)
-        x0 = self.step(self.dit, self.cache, noise, self.sigmas, cond, self.ref, pin)
-        self._commit()
+        x0, k_blk, v_blk = self.step(self.dit, self.cache.window(), noise, self.sigmas, cond, self.ref, pin)
+        self._commit(k_blk, v_blk)
         return x0
 
     def denoise(self, noise: Tensor, audio: Tensor | None) -> tuple[Tensor, Conditioning]:
         """First half of `denoise_block`: x0 and the conditioning `refill` needs. The frames can be
         decoded before the refill runs (first-frame latency, decode/DiT overlap)."""
         cond, pin = self._block_inputs(audio)
-        return self.denoise_fn(self.dit, self.cache, noise, self.sigmas, cond, self.ref, pin), cond
+        return self.denoise_fn(self.dit, self.cache.window(), noise, self.sigmas, cond, self.ref, pin), cond
 
     def refill(self, x0: Tensor, cond: Conditioning) -> None:
-        """Second half: write the block's clean K/V and commit it."""
-        self.refill_fn(self.dit, self.cache, x0, cond)
-        self._commit()
+        """Second half: the block's clean K/V, committed to the cache."""
+        self._commit(*self.refill_fn(self.dit, self.cache.window(), x0, cond))
 
-    def _commit(self) -> None:
-        self.cache.commit()
+    def _commit(self, k_blk: Tensor, v_blk: Tensor) -> None:
+        self.cache.commit(k_blk, v_blk)
         self.block_index += 1
 
 

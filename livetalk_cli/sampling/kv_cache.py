@@ -1,27 +1,30 @@
 """`BlockKVCache`: preallocated self-attention K/V for streaming, with identity sinks (AHIS).
 
-Layout per layer, in latent-frame slots of S tokens each:
+Layout per layer, in latent-frame slots of S tokens each (the window a DiT pass reads):
 
-    [ sinks: sink_frames | ring: window_frames | current block: block_frames ]
+    [ sinks: sink_frames | ring: window_frames ]      + the block being denoised (pass input)
 
 * Sinks are filled by the first blocks of a stream (the reference frame is latent 0 of block 0)
   and are never evicted: they hold the identity.
 * The ring keeps the most recent `window_frames` frames. A committed block is written over the
   oldest ring block; nothing is moved to evict (ring index).
-* The current block's K/V are written into the last segment at every denoising step, so one
-  attention call covers the whole buffer with a validity mask: static shapes, no host syncs.
+* A pass attends over sinks + ring + its own block: `sink_frames + window_frames + block_frames`
+  latent frames when the cache is full (LiveTalk's presets: 9 + 3 + 3 = 15).
 
-Keys are stored after the q/k RMSNorm but *before* RoPE. Each slot carries a temporal position
-(a tensor), and RoPE is applied to all keys at attention time, so positions can be re-indexed
-without rerunning the model. With `relative_rope` (default) positions are the slot's order within
-the cache — sinks first, then the window oldest to newest, then the current block — so a stream
-has no length limit. With `relative_rope=False` slots keep their absolute frame index, as
-upstream-trained checkpoints expect.
+The cache never runs inside a pass. A pass reads `window()` (a `KVWindow`: the buffers, the
+block's RoPE tables, the validity mask) and returns the block's K/V; `commit(k, v)` stores them
+between passes. Keys are stored rotated: RoPE is applied once, at commit, not on every pass.
+With `relative_rope=False` every slot keeps its absolute frame index (upstream checkpoints:
+Self Forcing / LiveTalk), so a key is rotated exactly once. With `relative_rope` positions are the
+slot's order in the cache — sinks first, then the ring oldest to newest, then the block — so a
+stream has no length limit; once the ring wraps every commit shifts the ring's positions, and the
+ring is re-rotated from a copy of its pre-RoPE keys (the ring only; sinks never move).
 
-Host state (how many sinks are filled, where the ring's oldest block is) is plain Python ints
-that change only in `commit()`, once per block, outside the per-step path.
+Host state (sinks filled, ring index, positions) is plain Python that changes only in `commit()`,
+once per block, outside the per-step path; the per-step path has static shapes and no host syncs.
 
-Legend: L layers, B batch, N = n_slots * S cache tokens, H heads, D head_dim, P = D // 2.
+Legend: NL layers, B batch, Np = (sink_frames + window_frames) * S cached tokens, Nb block tokens,
+H heads, D head_dim, P = D // 2.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor
 
 from livetalk_cli.config import DiTConfig, StreamConfig
-from livetalk_cli.models.attention import attention
+from livetalk_cli.models.attention import KVWindow
 from livetalk_cli.models.rope import Rope3D, apply_rope
 
 
@@ -50,41 +53,59 @@ class BlockKVCache:
         self.sink_frames = stream.sink_frames
         self.window_frames = stream.window_frames
         self.relative_rope = stream.relative_rope
-        self.tokens_per_frame = grid_hw[0] * grid_hw[1]
-        self.n_slots = self.sink_frames + self.window_frames + self.block_frames
+        self.tokens_per_frame = s = grid_hw[0] * grid_hw[1]
+        self.past_slots = self.sink_frames + self.window_frames
         self.device = torch.device(device)
         self.rope = Rope3D(dit, grid_hw, device=self.device)
 
-        n_tok = self.n_slots * self.tokens_per_frame
-        shape = (dit.num_layers, batch, n_tok, dit.num_heads, dit.head_dim)
-        self.k = torch.zeros(shape, device=self.device, dtype=dtype)  # (L, B, N, H, D), pre-RoPE
+        shape = (dit.num_layers, batch, self.past_slots * s, dit.num_heads, dit.head_dim)
+        self.k = torch.zeros(shape, device=self.device, dtype=dtype)  # (NL, B, Np, H, D), rotated
         self.v = torch.zeros(shape, device=self.device, dtype=dtype)
-        self.mask = torch.zeros(1, 1, 1, n_tok, device=self.device, dtype=torch.bool)
-        self.key_cos = torch.zeros(n_tok, dit.head_dim // 2, device=self.device)
-        self.key_sin = torch.zeros_like(self.key_cos)
-        self._slot_abs = torch.zeros(self.n_slots, device=self.device, dtype=torch.long)
-        self._slot_valid = torch.zeros(self.n_slots, device=self.device, dtype=torch.bool)
-        cur0 = (self.sink_frames + self.window_frames) * self.tokens_per_frame
-        self._cur = slice(cur0, n_tok)
+        # relative positions move once the ring wraps: keep the ring's keys before RoPE too
+        self.k_ring_raw = None
+        if self.relative_rope and self.window_frames:
+            raw_shape = (dit.num_layers, batch, self.window_frames * s, dit.num_heads, dit.head_dim)
+            self.k_ring_raw = torch.zeros(raw_shape, device=self.device, dtype=dtype)
+        n_blk = self.block_frames * s
+        self.cos = torch.zeros(n_blk, dit.head_dim // 2, device=self.device)  # the block's tables
+        self.sin = torch.zeros_like(self.cos)
+        self.mask = torch.zeros(1, 1, 1, self.past_slots * s + n_blk, device=self.device, dtype=torch.bool)
+        self._masked = KVWindow(self.k, self.v, self.cos, self.sin, self.mask)
+        self._full = KVWindow(self.k, self.v, self.cos, self.sin, None)
         self.reset()
 
-    # --- stream control (host side, once per block) --------------------------------------
+    # --- host bookkeeping (once per block) ----------------------------------------------
     def reset(self) -> None:
         """Start a new stream. Stale K/V stay in memory but are masked out."""
         self.sinks_filled = 0  # frames
         self.ring_filled = 0  # blocks
         self.ring_next = 0  # ring block the next commit overwrites
         self.frames_done = 0  # absolute latent frames committed so far
-        self._slot_valid.zero_()
+        self._valid = [False] * self.past_slots
+        self._abs = [0] * self.past_slots  # absolute frame index held by each slot
+        self._rotated_at = [0] * self.past_slots  # position each stored key was rotated at
         self._refresh()
 
     @property
     def ring_blocks(self) -> int:
         return self.window_frames // self.block_frames
 
-    def commit(self) -> None:
-        """Keep the current block (written by the t=0 refill) in the sinks or the ring."""
-        bf = self.block_frames
+    @property
+    def full(self) -> bool:
+        """Every slot of the window holds a committed frame (the mask is then dropped)."""
+        return all(self._valid)
+
+    def window(self) -> KVWindow:
+        """What the next pass reads: the same buffers all stream long; no mask once full."""
+        return self._full if self.full else self._masked
+
+    def commit(self, k: Tensor, v: Tensor) -> None:
+        """Keep the block the t = 0 refill just produced in the sinks or the ring.
+
+        k, v: (NL, B, Nb, H, D), keys after the q/k norm and before RoPE (`WindowAttention`).
+        """
+        bf, s = self.block_frames, self.tokens_per_frame
+        rotated_at = self._block_positions()  # where `self.cos`/`self.sin` put this block
         if self.sinks_filled < self.sink_frames:
             dest = self.sinks_filled
             self.sinks_filled += bf
@@ -95,60 +116,55 @@ class BlockKVCache:
         else:
             dest = None  # no window: only the sinks are remembered
         if dest is not None:
-            s = self.tokens_per_frame
             dst = slice(dest * s, (dest + bf) * s)
-            self.k[:, :, dst].copy_(self.k[:, :, self._cur])
-            self.v[:, :, dst].copy_(self.v[:, :, self._cur])
-            self._slot_valid[dest : dest + bf] = True
-            self._slot_abs[dest : dest + bf] = torch.arange(bf, device=self.device) + self.frames_done
+            self.k[:, :, dst].copy_(apply_rope(k, self.cos, self.sin))  # rotated at this block's positions
+            self.v[:, :, dst].copy_(v)
+            if self.k_ring_raw is not None and dest >= self.sink_frames:
+                r0 = (dest - self.sink_frames) * s
+                self.k_ring_raw[:, :, r0: r0 + bf * s].copy_(k)
+            for j in range(bf):
+                self._valid[dest + j] = True
+                self._abs[dest + j] = self.frames_done + j
+                self._rotated_at[dest + j] = rotated_at[j]
         self.frames_done += bf
+        self._rerotate_ring()
         self._refresh()
 
-    def slot_positions(self) -> Tensor:
-        """(n_slots,) temporal RoPE position of every slot (the current block's included)."""
-        bf, dev = self.block_frames, self.device
-        cur_slot = self.sink_frames + self.window_frames
-        if not self.relative_rope:
-            pos = self._slot_abs.clone()
-            pos[cur_slot:] = torch.arange(bf, device=dev) + self.frames_done
-            return pos
-        pos = torch.zeros(self.n_slots, device=dev, dtype=torch.long)
-        pos[: self.sink_frames] = torch.arange(self.sink_frames, device=dev)
-        if self.ring_blocks:
+    def slot_positions(self) -> list[int]:
+        """Temporal RoPE position of every window slot, then of the block's frames."""
+        past = list(self._abs)
+        if self.relative_rope:
+            past[: self.sink_frames] = range(self.sink_frames)
             oldest = self.ring_next if self.ring_filled == self.ring_blocks else 0
-            rank = (torch.arange(self.ring_blocks, device=dev) - oldest) % self.ring_blocks
-            ring = self.sinks_filled + rank[:, None] * bf + torch.arange(bf, device=dev)[None]
-            pos[self.sink_frames : cur_slot] = ring.reshape(-1)
-        pos[cur_slot:] = self.sinks_filled + self.ring_filled * bf + torch.arange(bf, device=dev)
-        return pos
+            for b in range(self.ring_blocks):
+                rank = (b - oldest) % self.ring_blocks
+                for j in range(self.block_frames):
+                    past[self.sink_frames + b * self.block_frames + j] = (
+                        self.sinks_filled + rank * self.block_frames + j)
+        return past + self._block_positions()
+
+    def _block_positions(self) -> list[int]:
+        base = self.sinks_filled + self.ring_filled * self.block_frames if self.relative_rope else self.frames_done
+        return [base + j for j in range(self.block_frames)]
+
+    def _rerotate_ring(self) -> None:
+        """Relative positions: after the ring wraps, rotate its keys again at their new positions."""
+        if self.k_ring_raw is None:
+            return
+        pos = self.slot_positions()[self.sink_frames: self.past_slots]
+        ring = range(self.sink_frames, self.past_slots)
+        if all(pos[i] == self._rotated_at[slot] or not self._valid[slot] for i, slot in enumerate(ring)):
+            return
+        cos, sin = self.rope.tables(torch.tensor(pos, device=self.device))
+        s = self.tokens_per_frame
+        self.k[:, :, self.sink_frames * s:].copy_(apply_rope(self.k_ring_raw, cos, sin))
+        for i, slot in enumerate(ring):
+            self._rotated_at[slot] = pos[i]
 
     def _refresh(self) -> None:
-        """Recompute RoPE tables and the validity mask after the slot layout changed."""
-        cos, sin = self.rope.tables(self.slot_positions())
-        self.key_cos.copy_(cos)
-        self.key_sin.copy_(sin)
-        valid = self._slot_valid.clone()
-        valid[self.sink_frames + self.window_frames :] = True  # the current block
+        """The block's RoPE tables and the validity mask for the next passes."""
+        cos, sin = self.rope.tables(torch.tensor(self._block_positions(), device=self.device))
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        valid = torch.tensor(self._valid + [True] * self.block_frames, device=self.device)
         self.mask.copy_(valid.repeat_interleave(self.tokens_per_frame).view(1, 1, 1, -1))
-
-    # --- the per-step path (static shapes, no host syncs) --------------------------------
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Self-attention of the current block over sinks + window + itself.
-
-        q, k, v: (B, bf*S, H, D), k after RMSNorm and before RoPE. Returns (B, bf*S, H, D).
-        """
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # Training (DMD rollout exit step): the cached K/V are constants and the block's own
-            # K/V are concatenated; the RoPE tables and mask are copied. Autograd then never saves
-            # a tensor that a later refill or commit overwrites in place.
-            past = self._cur.start
-            k_all = torch.cat([self.k[layer][:, :past], k.to(self.k.dtype)], dim=1)
-            v_all = torch.cat([self.v[layer][:, :past], v.to(self.v.dtype)], dim=1)
-            cos, sin, mask = self.key_cos.clone(), self.key_sin.clone(), self.mask.clone()
-        else:
-            k_all, v_all = self.k[layer], self.v[layer]
-            k_all[:, self._cur].copy_(k)
-            v_all[:, self._cur].copy_(v)
-            cos, sin, mask = self.key_cos, self.key_sin, self.mask
-        q = apply_rope(q, cos[self._cur], sin[self._cur])
-        return attention(q, apply_rope(k_all, cos, sin), v_all, mask)
