@@ -109,14 +109,25 @@ class AudioConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StreamConfig:
-    """The causal block sampler: block size, steps, identity sinks and the ring window."""
+    """The causal block sampler: block size, steps, identity sinks and the ring window.
+
+    Counts are latent frames. A block's passes attend over `sink_frames + window_frames +
+    block_frames` frames once the cache is full: the identity sinks (the stream's first frames,
+    never evicted), the `window_frames` most recent frames before the block, and the block itself.
+    The defaults are LiveTalk's inference (Self Forcing's `local_attn_size: 15` counts the current
+    block): 9 sinks + 3 recent + 3 current = 15 frames, keys at absolute temporal positions.
+    `relative_rope=True` numbers the attended frames 0..n-1 instead (sinks, then the window oldest
+    to newest, then the block), so a stream can outrun the positions a checkpoint was trained on
+    (Wan's RoPE table covers 1024 latent positions, ~256 s at 16 fps); an upstream checkpoint then
+    sees positions it was not trained with from the first eviction on.
+    """
 
     block_frames: int = 3  # latent frames per block
     num_steps: int = 4
     shift: float = 5.0
-    sink_frames: int = 3  # latent frames pinned as identity sinks (AHIS); 0 = none
-    window_frames: int = 12  # most recent latent frames kept in the ring
-    relative_rope: bool = True  # False keeps absolute temporal positions (upstream parity)
+    sink_frames: int = 9  # latent frames pinned as identity sinks (AHIS); 0 = none
+    window_frames: int = 3  # most recent latent frames kept in the ring (the current block not counted)
+    relative_rope: bool = False  # True: positions 0..n-1 within the attended frames (unbounded streams)
     # The VAE's identity anchor: every `vae_anchor_every` blocks (0 = never) the causal decoder's
     # cache is rebuilt from the stream's first latent (the reference) and its last
     # `vae_anchor_history` latents. For VAEs whose later latents only code what changed (the
@@ -258,7 +269,7 @@ def _tiny() -> ModelConfig:
             latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4,
         ),
         audio=audio,
-        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=6),
+        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=6, relative_rope=True),
         text_vocab=512,
         height=64, width=64, fps=16,
         still_reference_latents=4,  # as the demo: 6-latent test clips see it change, then settle
@@ -284,7 +295,7 @@ def _demo() -> ModelConfig:
             latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16,
         ),
         audio=audio,
-        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=3, vae_anchor_every=3),
+        stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=3, relative_rope=True, vae_anchor_every=3),
         text_vocab=1024,
         height=96, width=96, fps=16,
         still_reference_latents=12,
@@ -302,9 +313,10 @@ def _omniavatar_audio() -> AudioConfig:
     return AudioConfig(encoder="wav2vec2", context_s=1.0, lookahead_s=0.25)
 
 
-# LiveTalk's inference window: 15 latent frames, the first 9 (3 blocks) pinned as sinks.
+# LiveTalk's inference (configs/causal_inference.yaml): 15 latent frames including the block being
+# denoised, the first 9 (3 blocks, the reference frame's included) pinned as sinks, absolute positions.
 _LIVETALK_STREAM = StreamConfig(block_frames=3, num_steps=4, shift=5.0, sink_frames=9,
-                                window_frames=6, relative_rope=True)
+                                window_frames=3, relative_rope=False)
 
 PRESETS: dict[str, Any] = {
     "tiny": _tiny,
