@@ -199,3 +199,26 @@ def test_cached_stream_equals_history_reference_through_ring_wraps(relative):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=f"block {n}")
     assert sampler.cache.full and sampler.cache.window().mask is None  # the last blocks ran unmasked
     assert (got[-1] - got[-2]).abs().mean() > 1e-2  # blocks differ: the comparison has signal
+
+
+@pytest.mark.parametrize("name", ["omniavatar-1.3b", "omniavatar-14b", "wan2.1-t2v-1.3b"])
+def test_real_size_presets_sample_as_livetalk(name):
+    """LiveTalk's inference (configs/causal_inference.yaml, `local_attn_size: 15`): 3-latent blocks,
+    4 steps, 15 latent frames including the block being denoised, the first 9 pinned, absolute
+    positions. Checked through a cache with the preset's stream settings (tiny dims)."""
+    from dataclasses import asdict
+
+    from livetalk_cli.config import preset
+
+    stream = preset(name).stream
+    assert {k: v for k, v in asdict(stream).items() if not k.startswith("vae_")} == {
+        "block_frames": 3, "num_steps": 4, "shift": 5.0, "sink_frames": 9, "window_frames": 3,
+        "relative_rope": False}
+    cfg = tiny_cfg()
+    cache = BlockKVCache(cfg.dit, stream, (1, 1))
+    for _ in range(7):  # blocks 0-2 fill the sinks, 3 the ring; 4, 5, 6 evict
+        k = torch.randn(cfg.dit.num_layers, 1, 3, cfg.dit.num_heads, cfg.dit.head_dim)
+        cache.commit(k, k)
+    pos = cache.slot_positions()
+    assert len(pos) == 15 and cache.window().mask is None  # 15 frames attended, every one valid
+    assert sorted(pos) == list(range(9)) + [18, 19, 20] + [21, 22, 23]  # sinks, 3 recent, the block
