@@ -35,13 +35,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from livetalk_cli.errors import UserError
 from livetalk_cli.pipeline import LoadedModel
-from livetalk_cli.sampling.stream import (
+from livetalk_cli.runtime.scheduler import stream_video
+from livetalk_cli.runtime.stream import (
     AvatarStream,
     StreamOptions,
     block_video_range,
     blocks_for_video_frames,
     frames_to_uint8,
-    stream_video,
 )
 
 log = logging.getLogger(__name__)
@@ -266,9 +266,7 @@ def stage_times(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, pro
                 keep = n >= s.warmup
                 timer.times.clear()
                 audio, t_audio = timed(lambda: stream.block_audio(wave))
-                noise = stream.block_noise()
-                with torch.no_grad():
-                    x0, cond = stream.sampler.denoise(noise, audio)
+                x0, cond = stream.sample_block(audio)  # the render path's block, the passes timed by hooks
                 video, t_decode = timed(lambda x0=x0: frames_to_uint8(torch.cat(list(stream.decode(x0)), dim=2)))
                 stream.refill(x0, cond)
                 if keep:

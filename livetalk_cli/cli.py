@@ -86,8 +86,9 @@ def render(
         bool,
         typer.Option(
             "--random-weights",
-            help="Real architecture, random weights, for benchmarks and smoke tests. Real-size presets "
-            "use random-weight stand-ins for the text and audio encoders (right shapes, no meaning).",
+            help="Real architecture, random weights (the output head too), for benchmarks and smoke tests. "
+            "Real-size presets use random-weight stand-ins for the text and audio encoders (right shapes, "
+            "no meaning).",
         ),
     ] = False,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
@@ -104,7 +105,7 @@ def render(
     """
     from livetalk_cli.pipeline import load_model
     from livetalk_cli.render import JobResult, RenderJob, jobs_from_args, read_manifest, render_batch
-    from livetalk_cli.sampling.stream import StreamOptions
+    from livetalk_cli.runtime.stream import StreamOptions
 
     with user_errors():
         if manifest is not None:
@@ -273,7 +274,7 @@ def bench(
     from livetalk_cli.bench import BenchSettings, run_bench, variant_in_subprocess
     from livetalk_cli.files import write_json_atomic
     from livetalk_cli.pipeline import load_model
-    from livetalk_cli.sampling.stream import StreamOptions
+    from livetalk_cli.runtime.stream import StreamOptions
 
     with user_errors():
         settings = BenchSettings(
@@ -381,7 +382,7 @@ def print_bench(r: dict) -> None:
 
 
 def _label(options: dict) -> str:
-    from livetalk_cli.sampling.stream import StreamOptions
+    from livetalk_cli.runtime.stream import StreamOptions
 
     return StreamOptions(**options).label()
 

@@ -86,6 +86,9 @@ def _random_model(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, seed: in
     with torch.device(dev):
         dit = WanDiT(cfg.dit)
         vae = WanVAE(cfg.vae)
+    # Wan zero-initialises the output head (right for training, useless for running): random
+    # weights here are random everywhere, so the DiT's output reaches the frames.
+    torch.nn.init.xavier_uniform_(dit.head.head.weight)
     text = build_text_encoder(cfg, source=None, random_weights=True, device=dev)
     audio = build_audio_encoder(cfg, model_dir=None, random_weights=True, device=dev)
     log.info("random weights for preset %s", cfg.name)

@@ -20,13 +20,8 @@ import torch
 from livetalk_cli.errors import UserError
 from livetalk_cli.media import VideoWriter, load_audio, load_image
 from livetalk_cli.pipeline import LoadedModel
-from livetalk_cli.sampling.stream import (
-    AvatarStream,
-    StreamOptions,
-    blocks_for_video_frames,
-    frames_to_uint8,
-    stream_video,
-)
+from livetalk_cli.runtime.scheduler import stream_video
+from livetalk_cli.runtime.stream import AvatarStream, StreamOptions, blocks_for_video_frames, frames_to_uint8
 
 log = logging.getLogger(__name__)
 

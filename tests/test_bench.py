@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from livetalk_cli.bench import BenchSettings, configure, first_frame_latency, frames_of_blocks
 from livetalk_cli.cli import app
 from livetalk_cli.pipeline import load_model
-from livetalk_cli.sampling.stream import AvatarStream, StreamOptions, frames_to_uint8, stream_video
+from livetalk_cli.runtime.scheduler import stream_video
+from livetalk_cli.runtime.stream import AvatarStream, StreamOptions, frames_to_uint8
 
 runner = CliRunner()
 FAST = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--warmup", "1", "--repeats", "1",

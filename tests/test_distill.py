@@ -392,7 +392,7 @@ def test_two_process_dmd_matches_one_process(tiny_run, tmp_path):
 def test_ship_student_as_embedded_default(tiny_run, tmp_path, monkeypatch):
     from livetalk_cli import pipeline
     from livetalk_cli.distill.ship import ship
-    from livetalk_cli.sampling.stream import AvatarStream
+    from livetalk_cli.runtime.stream import AvatarStream
 
     _, out = tiny_run
     dest = tmp_path / "assets" / "demo"

@@ -50,36 +50,38 @@ def _latents(num: int, seed: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 @pytest.mark.parametrize("num_latent", [1, 2, 3, 5])
-def test_decode_step_per_frame_matches_whole_decode(vae: WanVAE, num_latent: int) -> None:
+def test_decoder_contract_matches_whole_decode(vae: WanVAE, num_latent: int) -> None:
     z = _latents(num_latent)
     whole = vae.decode(z)
     assert whole.shape == (1, 3, video_frames_for_latents(num_latent), 32, 32)
     # The output must not be saturated, or the clamp could hide a cache bug.
     assert (whole.abs() < 0.99).float().mean() > 0.5
 
-    cache = vae.new_decode_cache()
-    parts = []
-    for i in range(num_latent):
-        part = vae.decode_step(z[:, :, i : i + 1], cache)
-        assert part.shape[2] == (1 if i == 0 else 4)
+    frame, slots = vae.decode_first(z[:, :, :1])
+    names, shapes = vae.decoder_slot_names(), [s.shape for s in slots]
+    assert len(names) == len(slots) == vae.decoder.num_cache_slots and len(set(names)) == len(names)
+    parts = [frame]
+    for i in range(1, num_latent):
+        before = [s.clone() for s in slots]
+        part, new = vae.decode_next(z[:, :, i: i + 1], slots)
+        assert all(torch.equal(a, b) for a, b in zip(before, slots, strict=True))  # inputs untouched
+        assert [s.shape for s in new] == shapes  # fixed slot shapes: one engine signature
         parts.append(part)
+        slots = new
+    assert [p.shape[2] for p in parts] == [1] + [4] * (num_latent - 1)
     torch.testing.assert_close(torch.cat(parts, dim=2), whole, atol=1e-5, rtol=1e-5)
-    assert all(s is not None for s in cache.slots)  # every slot holds a tensor after the first step
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("num_latent", [5, 7])
-def test_decode_step_in_chunks_of_three_matches_whole_decode(vae: WanVAE, num_latent: int) -> None:
-    z = _latents(num_latent, seed=2)
-    whole = vae.decode(z)
-    cache = vae.new_decode_cache()
-    parts = [vae.decode_step(chunk, cache) for chunk in z.split(3, dim=2)]
-    torch.testing.assert_close(torch.cat(parts, dim=2), whole, atol=1e-5, rtol=1e-5)
+    if num_latent >= 3:  # chunks of several latents: the same frames, the same slot shapes
+        first, slots = vae.decode_first(z[:, :, :2])
+        rest, slots = vae.decode_next(z[:, :, 2:], slots)
+        assert [s.shape for s in slots] == shapes
+        torch.testing.assert_close(torch.cat([first, rest], dim=2), whole, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="latents"):
+        vae.decode_next(z[:, :, :0], slots)
 
 
 @torch.no_grad()
 def test_vae_stream_without_anchor_is_the_plain_stream(vae: WanVAE) -> None:
-    from livetalk_cli.sampling.stream import VAEStream
+    from livetalk_cli.runtime.vae_stream import VAEStream
 
     z = _latents(7, seed=3)
     stream = VAEStream(vae)
@@ -95,7 +97,7 @@ def test_vae_stream_without_anchor_is_the_plain_stream(vae: WanVAE) -> None:
 def test_vae_stream_anchor_rebuilds_the_cache_from_the_first_latent(vae: WanVAE, history: int) -> None:
     """Anchored every 2 blocks: blocks 0-1 decode as usual; block 2 is exactly the tail of a fresh
     decode of [first latent, the `history` latents before it, block 2]; block 3 continues from there."""
-    from livetalk_cli.sampling.stream import VAEStream
+    from livetalk_cli.runtime.vae_stream import VAEStream
 
     z = _latents(12, seed=4)
     blocks = list(z.split(3, dim=2))
@@ -115,15 +117,13 @@ def test_vae_stream_anchor_rebuilds_the_cache_from_the_first_latent(vae: WanVAE,
 
 @torch.no_grad()
 def test_streaming_cache_is_needed(vae: WanVAE) -> None:
-    """Decoding the second frame without the first frame's history gives different output."""
+    """Decoding the third latent without the second one's history gives different output."""
     z = _latents(3, seed=3)
     whole = vae.decode(z)
-    cache = vae.new_decode_cache()
-    vae.decode_step(z[:, :, :2], cache)
-    fresh = vae.new_decode_cache()
-    vae.decode_step(z[:, :, :1], fresh)  # same "started" state, wrong history
-    wrong = vae.decode_step(z[:, :, 2:], fresh)
-    right = vae.decode_step(z[:, :, 2:], cache)
+    _, slots = vae.decode_first(z[:, :, :1])
+    _, after_two = vae.decode_next(z[:, :, 1:2], slots)
+    wrong, _ = vae.decode_next(z[:, :, 2:], slots)  # the history of latent 0 only
+    right, _ = vae.decode_next(z[:, :, 2:], after_two)
     torch.testing.assert_close(right, whole[:, :, -4:], atol=1e-5, rtol=1e-5)
     assert (wrong - right).abs().max() > 1e-3
 

@@ -51,7 +51,8 @@ from livetalk_cli.distill.vae_stage import roundtrip_frames, stream_decode_error
 from livetalk_cli.files import write_text_atomic
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.pipeline import LoadedModel, load_model
-from livetalk_cli.sampling.stream import AvatarStream, blocks_for_video_frames, frames_to_uint8, stream_video
+from livetalk_cli.runtime.scheduler import stream_video
+from livetalk_cli.runtime.stream import AvatarStream, blocks_for_video_frames, frames_to_uint8
 from livetalk_cli.sampling.teacher import teacher_sample
 from livetalk_cli.world.metrics import evaluate_video
 

@@ -31,7 +31,8 @@ from livetalk_cli.distill.trainer import (
 )
 from livetalk_cli.models.audio import build_audio_encoder
 from livetalk_cli.models.vae import WanVAE
-from livetalk_cli.sampling.stream import VAEStream, frames_to_uint8
+from livetalk_cli.runtime.stream import frames_to_uint8
+from livetalk_cli.runtime.vae_stream import VAEStream
 from livetalk_cli.world.metrics import lip_sync
 
 log = logging.getLogger(__name__)

@@ -258,25 +258,35 @@ def window_frames(cfg: AudioConfig, fps: int) -> tuple[int, int]:
 
 
 def frame_features(encoder: AudioFeatureEncoder, wave: Tensor, spf: int, frame_start: int, num_frames: int,
-                   context_frames: int, lookahead_frames: int) -> Tensor:
+                   context_frames: int, lookahead_frames: int, wave_start: int = 0) -> Tensor:
     """Features of video frames [frame_start, frame_start + num_frames).
 
-    wave: (S,) the full or so-far-received 16 kHz waveform, sample 0 = start of frame 0. The
-    encoder runs over frames [frame_start - context_frames, frame_start + num_frames +
-    lookahead_frames) plus its margin on each side; samples outside [0, S) are zeros.
-    Returns (num_frames, D) float32 on the encoder's device.
+    wave: (S,) 16 kHz samples [wave_start, wave_start + S) of the stream (sample 0 = start of frame
+    0): the whole waveform, or what a bounded live buffer still holds. The encoder runs over frames
+    [frame_start - context_frames, frame_start + num_frames + lookahead_frames) plus its margin on
+    each side; samples before 0 or not received yet are zeros. Returns (num_frames, D) float32 on
+    the encoder's device.
     """
     if num_frames < 1 or context_frames < 0 or lookahead_frames < 0:
         raise ValueError("frame_features: num_frames >= 1, context/lookahead >= 0 required")
     total = context_frames + num_frames + lookahead_frames
-    first = (frame_start - context_frames) * spf - encoder.margin  # sample index of segment[0]
-    length = total * spf + 2 * encoder.margin
+    first, end = audio_window_samples(encoder, spf, frame_start, num_frames, context_frames, lookahead_frames)
+    length = end - first
+    if max(first, 0) < wave_start:
+        raise ValueError(f"frame_features: samples from {first} needed, the buffer starts at {wave_start}")
     segment = torch.zeros(length, dtype=torch.float32, device=wave.device)
-    lo, hi = max(first, 0), min(first + length, wave.shape[0])
+    lo, hi = max(first, 0), min(first + length, wave_start + wave.shape[0])
     if hi > lo:
-        segment[lo - first: hi - first] = wave[lo:hi].to(torch.float32)
+        segment[lo - first: hi - first] = wave[lo - wave_start: hi - wave_start].to(torch.float32)
     feats = encoder.encode(segment, total)  # (total, D)
     return feats[context_frames: context_frames + num_frames]
+
+
+def audio_window_samples(encoder: AudioFeatureEncoder, spf: int, frame_start: int, num_frames: int,
+                         context_frames: int, lookahead_frames: int) -> tuple[int, int]:
+    """Samples [first, end) that `frame_features` reads for these frames (before clipping to 0)."""
+    first = (frame_start - context_frames) * spf - encoder.margin
+    return first, first + (context_frames + num_frames + lookahead_frames) * spf + 2 * encoder.margin
 
 
 def build_audio_encoder(cfg: ModelConfig, *, model_dir: Path | None, random_weights: bool,

@@ -5,6 +5,10 @@ causal everywhere: a 3-tap temporal conv sees the current frame and the two befo
 before the stream starts. Streaming state lives in a `VAEStreamCache`; every module that needs
 history gets a fixed slot index once at construction (`_assign_cache_slots`).
 
+The streaming decoder's engine contract is functional: `decode_first(z) -> (frames, slots)` for a
+stream's first latents and `decode_next(z, slots) -> (frames, new slots)` for every later chunk
+(1..block_frames latents), the slots a fixed-shape list of tensors named by `decoder_slot_names()`.
+
 Semantics (whole-sequence form; chunked streaming gives the same frames):
 - decoder `upsample3d`: out = [x0, interleave(time_conv(x1..))], 1 + 2(T-1) frames;
 - encoder `downsample3d`: out = [x0, time_conv(x)] with kernel 3, stride 2, no padding, 1 + (T-1)/2.
@@ -371,15 +375,37 @@ class WanVAE(nn.Module):
         """Whole latent sequence (B,z,F,h,w) in one call, no cache -> (B,3,1+4(F-1),8h,8w) in [-1,1]."""
         return self._decode(z, None)
 
-    def new_decode_cache(self) -> VAEStreamCache:
-        return VAEStreamCache.empty(self.decoder.num_cache_slots)
+    # --- the streaming decoder's engine contract: one latent per call, explicit named slots ------
+    def decoder_slot_names(self) -> list[str]:
+        """The decoder's streaming slots in order: the module each belongs to (a causal conv keeps
+        its last 2 input frames; an `upsample3d` time conv likewise)."""
+        names = {m: n for n, m in self.decoder.named_modules()}
+        slots = sorted((m.cache_slot, f"decoder.{names[m]}") for m in self.decoder.modules()
+                       if getattr(m, "cache_slot", -1) >= 0)
+        return [name for _, name in slots]
 
-    def decode_step(self, z: Tensor, cache: VAEStreamCache) -> Tensor:
-        """Continue a stream with (B,z,f,h,w), f >= 1 -> (B,3,T,8h,8w) in [-1,1].
+    def decode_first(self, z: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """A stream's first latents (B,z,T,h,w), T >= 1 → frames (B,3,1+4(T-1),8h,8w) (the first
+        latent decodes to one frame) and the decoder's slots after them (`decoder_slot_names()`
+        order; fixed shapes whatever T)."""
+        self._check_latents(z)
+        cache = VAEStreamCache.empty(self.decoder.num_cache_slots)
+        frames = self._decode(z, cache)
+        return frames, cache.slots  # type: ignore[return-value]  # the call writes every slot
 
-        The stream's very first latent frame yields 1 video frame, every other one yields 4.
-        """
-        return self._decode(z, cache)
+    def decode_next(self, z: Tensor, slots: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Later latents (B,z,T,h,w) and the slots of the call before → (B,3,4T,8h,8w) and the new
+        slots. Pure: the input slots are not modified (no output is ever bound onto an input)."""
+        self._check_latents(z)
+        if len(slots) != self.decoder.num_cache_slots:
+            raise ValueError(f"decode_next wants {self.decoder.num_cache_slots} slots, got {len(slots)}")
+        cache = VAEStreamCache(list(slots), started=True)
+        frames = self._decode(z, cache)
+        return frames, cache.slots  # type: ignore[return-value]
+
+    def _check_latents(self, z: Tensor) -> None:
+        if z.ndim != 5 or z.shape[1] != self.cfg.z_dim or z.shape[2] < 1:
+            raise ValueError(f"the streaming decoder takes latents (B,{self.cfg.z_dim},T>=1,h,w); got {tuple(z.shape)}")
 
     def _decode(self, z: Tensor, cache: VAEStreamCache | None) -> Tensor:
         if z.ndim != 5 or z.shape[1] != self.cfg.z_dim or z.shape[2] < 1:

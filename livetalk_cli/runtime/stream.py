@@ -1,4 +1,5 @@
-"""Audio in, avatar frames out, one block at a time — the loop render, bench and serve share.
+"""Audio in, avatar frames out, one block at a time: the per-block sequence render, bench, the
+distill report and serving share (`AvatarStream`: sample → decode → refill → commit).
 
 Block n holds latent frames [n*bf, (n+1)*bf). Latent 0 is the reference image and decodes to one
 video frame; every later latent decodes to `tf` (4) frames. So block 0 yields 1 + tf*(bf-1) video
@@ -11,10 +12,7 @@ Legend: B batch, C latent channels, f block frames, T video frames, H/W image si
 
 from __future__ import annotations
 
-import itertools
 import math
-import queue
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,8 +26,9 @@ from livetalk_cli.config import latents_for_video_frames
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import frame_features, samples_per_frame, window_frames
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
-from livetalk_cli.models.vae import StillReference, WanVAE
+from livetalk_cli.models.vae import StillReference
 from livetalk_cli.pipeline import LoadedModel
+from livetalk_cli.runtime.vae_stream import VAEStream
 from livetalk_cli.sampling.block_sampler import BlockSampler
 
 
@@ -56,41 +55,6 @@ def frames_to_uint8(video: Tensor) -> np.ndarray:
     return ((host + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-class VAEStream:
-    """The VAE side of a stream: latents in, frames out, the causal decoder's cache carried over.
-
-    With `anchor_every` > 0 the cache is rebuilt, before every `anchor_every`-th block, by decoding
-    (and dropping) the stream's first latent followed by its last `history` latents, so the
-    decoder always has the reference frame in its history (see `StreamConfig.vae_anchor_every`).
-    That costs one decode of 1 + `history` latents per `anchor_every` blocks."""
-
-    def __init__(self, vae: WanVAE, anchor_every: int = 0, history: int = 2):
-        self.vae, self.every, self.history = vae, anchor_every, history
-        self.dtype = next(vae.parameters()).dtype
-        self.cache = vae.new_decode_cache()
-        self.first: Tensor | None = None
-        self.recent: Tensor | None = None
-        self.blocks = 0
-
-    @torch.no_grad()
-    def begin_block(self) -> None:
-        """Call once before decoding each block's latents."""
-        if self.every and self.blocks and self.blocks % self.every == 0 and self.first is not None:
-            self.cache = self.vae.new_decode_cache()  # `recent` stays None when history is 0
-            anchor = self.first if self.recent is None else torch.cat([self.first, self.recent], 2)
-            self.vae.decode_step(anchor, self.cache)
-        self.blocks += 1
-
-    def decode(self, z: Tensor) -> Tensor:
-        """Latents (1, C, f, h, w) → video (1, 3, T, H, W) in [-1, 1], continuing the stream."""
-        z = z.to(self.dtype)
-        if self.first is None:
-            self.first = z[:, :, :1]
-        if self.every and self.history:
-            self.recent = (z if self.recent is None else torch.cat([self.recent, z], 2))[:, :, -self.history:]
-        return self.vae.decode_step(z, self.cache)
-
-
 @dataclass(frozen=True)
 class StreamOptions:
     """How a stream runs (render and bench share these switches)."""
@@ -100,6 +64,7 @@ class StreamOptions:
     cuda_graphs: bool = False  # replay the block step from CUDA graphs (CUDA only)
     compile_backend: str = "inductor"
     split_threads: bool = True  # CPU pipeline: half the intra-op threads to the DiT, half to the decoder
+    threads: int | None = None  # CPU intra-op threads of the stream (None: torch's current setting)
 
     def label(self) -> str:
         on = [n for n, v in (("pipelined", self.pipelined), ("compile", self.compile),
@@ -142,11 +107,19 @@ class AvatarStream:
         # the first block waits only for its own positions' reference latents; later blocks extend them
         self.reference = StillReference(m.vae, image, self.cfg.still_reference_latents)
         ref = self.reference.upto(self.cfg.stream.block_frames)  # (1, C, R, h, w); the sampler keeps fp32
-        text_kv = m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
-        self.sampler.start(text_kv, ref if self.cfg.dit.has_reference else None)
+        self.sampler.start(self._text_kv(prompt), ref if self.cfg.dit.has_reference else None)
         self.vae_side = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
+
+    @torch.no_grad()
+    def set_prompt(self, prompt: str) -> None:
+        """The prompt of the blocks still to come; the KV cache and the VAE stream carry on."""
+        self.sampler.text_kv = self._text_kv(prompt)
+
+    def _text_kv(self, prompt: str) -> list[tuple[Tensor, Tensor]]:
+        m = self.model
+        return m.dit.prepare_text(m.text_encoder([prompt]).to(m.device))
 
     def worker(self) -> ThreadPoolExecutor:
         """The stream's DiT thread for pipelined streaming. It lives as long as the stream: a new
@@ -171,12 +144,14 @@ class AvatarStream:
         return self.video_range(n)[1] + self.lookahead_frames
 
     @torch.no_grad()
-    def block_audio(self, wave: Tensor) -> Tensor:
-        """Audio conditioning of the next block: (num_audio_layers, 1, f, D)."""
+    def block_audio(self, wave: Tensor, wave_start: int = 0) -> Tensor:
+        """Audio conditioning of the next block: (num_audio_layers, 1, f, D). wave: samples
+        [wave_start, wave_start + S) of the stream (`frame_features`)."""
         m = self.model
         start, end = self.video_range()
         feats = frame_features(
-            m.audio_encoder, wave, self.spf, start, end - start, self.context_frames, self.lookahead_frames
+            m.audio_encoder, wave, self.spf, start, end - start, self.context_frames, self.lookahead_frames,
+            wave_start,
         )
         packed = pack_audio_frames(feats[None].float(), stream_start=self.block == 0, pack=self.tf)
         return m.dit.prepare_audio(packed.to(m.device))
@@ -190,10 +165,15 @@ class AvatarStream:
         )
 
     @torch.no_grad()
-    def sample(self, wave: Tensor) -> tuple[Tensor, Conditioning]:
-        """wave: (S,) float32 16 kHz audio so far (sample 0 = frame 0) → the next block's clean latents
-        (1, C, f, h, w) and the conditioning `refill` needs. Call `refill` before the next `sample`."""
-        audio = self.block_audio(wave)
+    def sample(self, wave: Tensor, wave_start: int = 0) -> tuple[Tensor, Conditioning]:
+        """wave: (S,) float32 16 kHz audio from sample `wave_start` (sample 0 = frame 0) → the next
+        block's clean latents (1, C, f, h, w) and the conditioning `refill` needs. Call `refill`
+        before the next `sample`."""
+        return self.sample_block(self.block_audio(wave, wave_start))
+
+    @torch.no_grad()
+    def sample_block(self, audio: Tensor) -> tuple[Tensor, Conditioning]:
+        """`sample` from the block's audio conditioning (`block_audio`)."""
         if self.cfg.dit.has_reference:
             self.sampler.extend_reference(self.reference.upto((self.block + 1) * self.cfg.stream.block_frames))
         return self.sampler.denoise(self.block_noise(), audio)
@@ -242,99 +222,11 @@ class AvatarStream:
             torch.cuda.current_stream().wait_stream(vae_stream)  # the caller reads the frames
             yield video
 
-    def next_block(self, wave: Tensor) -> Tensor:
+    def next_block(self, wave: Tensor, wave_start: int = 0) -> Tensor:
         """sample → decode → refill: the next block's video (1, 3, T, H, W)."""
-        x0, cond = self.sample(wave)
+        x0, cond = self.sample(wave, wave_start)
         video = list(self.decode(x0))
         self.refill(x0, cond)
         return torch.cat(video, dim=2)
 
-
-def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: int = 2) -> Iterator[Tensor]:
-    """Video chunks (1, 3, T, H, W) of `num_blocks` blocks, in order; `stream.start()` must have run.
-
-    Sequential: sample, decode, refill, block after block. Pipelined: the DiT (sample + refill) runs
-    in a worker thread up to `depth` blocks ahead, while the caller's thread decodes (on GPU, on its
-    own CUDA stream), so block n+1 is denoised while block n is decoded. On CPU the caller's thread
-    samples block 0 and decodes its first chunk itself first (the first frame), then the worker takes
-    over from block 0's refill. Both give identical frames.
-    """
-    if not stream.options.pipelined:
-        for _ in range(num_blocks):
-            x0, cond = stream.sample(wave)
-            yield from stream.decode(x0)
-            stream.refill(x0, cond)
-        return
-    cuda = stream.model.device.type == "cuda"
-    vae_stream = torch.cuda.Stream(stream.model.device) if cuda else None
-    q: queue.Queue[tuple[str, Any, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    first_out = threading.Event()  # set once the first chunk (the first generated frame) is decoded
-
-    def put(item: tuple[str, Any, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    # On CPU the DiT thread and the decoding thread each get half the intra-op threads: two
-    # OpenMP teams of the full size would fight over the same cores (measured on 2 cores: 1 + 1
-    # threads beat 2 + 2 on both FPS and first-frame latency).
-    total_threads = torch.get_num_threads()
-    per_stage = max(1, total_threads // 2) if not cuda and stream.options.split_threads else total_threads
-    # On CPU the first frame comes first: block 0 is sampled and its first chunk decoded here, in
-    # order, with every thread (nothing could overlap them anyway), and the worker starts from
-    # block 0's refill. Handing block 0 to a half-size worker team cost the first frame ~60 ms on
-    # 2 cores; switching a thread's team size back and forth cost more than it saved.
-    first: tuple[Tensor, Conditioning] | None = None
-    block0: Iterator[Tensor] = iter(())  # block 0's chunks, the first one already decoded
-    if not cuda and num_blocks > 0:
-        first = stream.sample(wave)
-        parts = stream.decode(first[0])
-        block0 = itertools.chain([next(parts)], parts)
-        first_out.set()
-
-    def produce() -> None:
-        torch.set_num_threads(per_stage)  # this thread's team (and the BLAS pools)
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                if first is not None:
-                    stream.refill(*first)
-                for n in range(0 if first is None else 1, num_blocks):
-                    x0, cond = stream.sample(wave)
-                    ready = None
-                    if cuda:
-                        ready = torch.cuda.Event()
-                        ready.record()
-                    if not put(("block", x0, ready)):
-                        return
-                    if n == 0:  # the first frame first: do not compete with its decode
-                        while not first_out.wait(0.05):
-                            if stop.is_set():
-                                return
-                    stream.refill(x0, cond)
-            put(("end", None, None))
-        except BaseException as e:  # handed to the consumer, raised there
-            put(("error", e, None))
-
-    torch.set_num_threads(per_stage)
-    done = stream.worker().submit(produce)
-    try:
-        yield from block0  # its later chunks are decoded while the worker refills and samples block 1
-        while True:
-            kind, x0, ready = q.get()
-            if kind == "end":
-                break
-            if kind == "error":
-                raise x0
-            for chunk in stream.decode(x0, ready, vae_stream):
-                first_out.set()
-                yield chunk
-    finally:
-        stop.set()
-        done.result()  # the worker has left `produce` (its errors were handed over above)
-        torch.set_num_threads(total_threads)
 
