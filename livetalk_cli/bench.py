@@ -5,8 +5,8 @@ What each figure means is the `livetalk bench --help` text (the command's docstr
 Timing: the device is synchronised around every timed region (CUDA), warm-up is excluded, and each
 figure is the median of `repeats` runs with min and max beside it. Per-stage times come from the
 sequential eager path with a synchronisation after each stage (so they add up to more than a
-pipelined block). The FLOP floor is the model's FLOPs per frame (FlopCounterMode) over the device's
-measured matmul rate.
+pipelined block). The FLOP floor is the model's FLOPs per frame (`flops.FlopCount`: torch's counter for
+matmuls and convolutions, attention counted from its shapes) over the device's measured matmul rate.
 
 Nothing here needs PyAV: encode/mux timing is skipped when it is missing.
 """
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from livetalk_cli.errors import UserError
+from livetalk_cli.flops import FlopCount
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.runtime.scheduler import stream_video
 from livetalk_cli.runtime.stream import (
@@ -286,10 +286,11 @@ def stage_times(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, pro
 
 
 def flops(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, prompt: str) -> dict[str, float]:
-    """DiT and VAE FLOPs: per generated frame in the steady state (full cache), and to the first frame."""
+    """DiT and VAE FLOPs: per generated frame in the steady state (full cache), and to the first frame.
+    Attention is counted from its shapes (`FlopCount`), on every device."""
     stream = AvatarStream(model, StreamOptions(pipelined=False))
     cfg = model.cfg
-    with FlopCounterMode(display=False) as first_counter:  # start, the first block's passes, its first chunk
+    with FlopCount() as first_counter:  # start, the first block's passes, its first chunk
         stream.start(image, prompt, seed=0)
         x0, cond = stream.sample(wave)
         next(stream.decode(x0))  # the first-frame chunk only
@@ -299,15 +300,18 @@ def flops(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, prompt: s
     for _ in range(needed):  # fill the sinks and the window
         stream.next_block(wave)
     frames = stream.tf * cfg.stream.block_frames
-    with FlopCounterMode(display=False) as dit_counter:
+    with FlopCount() as dit_counter:
         x0, cond = stream.sample(wave)
         stream.refill(x0, cond)
-    with FlopCounterMode(display=False) as vae_counter:
+    with FlopCount() as vae_counter:
         list(stream.decode(x0))
     return {
-        "dit_per_frame": dit_counter.get_total_flops() / frames,
-        "vae_decode_per_frame": vae_counter.get_total_flops() / frames,
-        "first_frame": float(first_counter.get_total_flops()),
+        "dit_per_frame": dit_counter.total / frames,
+        "dit_attention_per_frame": dit_counter.attention / frames,
+        "vae_decode_per_frame": vae_counter.total / frames,
+        "first_frame": float(first_counter.total),
+        "counting": "torch FlopCounterMode for matmuls and convolutions; attention from its shapes, "
+                    "2*Lq*Lk*D per head for QK^T and again for PV",
     }
 
 

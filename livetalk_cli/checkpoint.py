@@ -21,9 +21,6 @@ DiT weights may use Wan's original names or diffusers' names; wrappers such as
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from torch import Tensor, nn
 
 from livetalk_cli.config import ModelConfig, preset
 from livetalk_cli.errors import CheckpointError
+from livetalk_cli.files import atomic_dir
 
 FORMAT = "livetalk/1"
 FILE_ROLES = ("dit", "vae", "text_encoder", "audio_encoder")
@@ -207,10 +205,7 @@ def save_checkpoint(
     root: Path, cfg: ModelConfig, modules: dict[str, nn.Module], extra_files: dict[str, str] | None = None
 ) -> None:
     """Write a checkpoint folder atomically: `modules` maps roles to modules saved as safetensors."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_dir(Path(root)) as tmp:
         files: dict[str, str] = dict(extra_files or {})
         for role, module in modules.items():
             if role not in FILE_ROLES:
@@ -220,9 +215,3 @@ def save_checkpoint(
             files[role] = f"{role}.safetensors"
         meta = {"format": FORMAT, "model": cfg.to_dict(), "files": files}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

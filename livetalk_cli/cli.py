@@ -34,6 +34,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False)],
+        force=True,  # each invocation (tests run several in one process) sets its own level
     )
 
 
@@ -52,9 +53,19 @@ class Fit(StrEnum):
     pad = "pad"
 
 
-PresetOpt = Annotated[
-    str | None, typer.Option(help=f"Model preset: {', '.join(PRESETS)}. Default: the checkpoint's own.")
-]
+Preset = StrEnum("Preset", {name: name for name in PRESETS})  # type: ignore[misc]  # the choices in --help
+
+
+class DType(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+PresetOpt = Annotated[Preset | None, typer.Option(help="Model preset. Default: the checkpoint's own.")]
+DeviceOpt = Annotated[str, typer.Option(metavar="[auto|cpu|cuda|cuda:N]", help="Where the model runs.")]
+DTypeOpt = Annotated[DType, typer.Option(help="auto: bf16 on GPU, fp32 on CPU.")]
 
 
 PipelinedOpt = Annotated[
@@ -92,8 +103,8 @@ def render(
         ),
     ] = False,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
     overwrite: Annotated[bool, typer.Option(help="Re-render outputs that already exist.")] = False,
     pipelined: PipelinedOpt = True,
     compile: CompileOpt = False,
@@ -103,9 +114,10 @@ def render(
 
     Finished outputs are skipped, so an interrupted batch resumes where it stopped.
     """
-    from livetalk_cli.pipeline import load_model
+    from livetalk_cli.pipeline import load_model, resolve_device
     from livetalk_cli.render import JobResult, RenderJob, jobs_from_args, read_manifest, render_batch
     from livetalk_cli.runtime.stream import StreamOptions
+    from livetalk_cli.sampling.accel import check_cuda_graphs
 
     with user_errors():
         if manifest is not None:
@@ -114,13 +126,13 @@ def render(
             jobs = read_manifest(manifest, image=image, prompt=prompt)
         else:
             jobs = jobs_from_args(audio or [], image, prompt, out, out_dir)
+        if cuda_graphs:
+            check_cuda_graphs(resolve_device(device))
         model = load_model(
-            checkpoint=checkpoint, preset_name=preset, random_weights=random_weights,
-            device=device, dtype=dtype, seed=seed,
+            checkpoint=checkpoint, preset_name=preset and preset.value, random_weights=random_weights,
+            device=device, dtype=dtype.value, seed=seed,
         )
         logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)
-        if cuda_graphs and model.device.type != "cuda":
-            raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
 
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -229,8 +241,8 @@ def bench(
     block_frames: Annotated[int | None, typer.Option(help="Latent frames per block.")] = None,
     sinks: Annotated[int | None, typer.Option(help="Identity-sink latent frames (0 = none).")] = None,
     window: Annotated[int | None, typer.Option(help="Ring-window latent frames.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
     pipelined: PipelinedOpt = True,
     compile: CompileOpt = False,
     cuda_graphs: GraphsOpt = False,
@@ -265,16 +277,18 @@ def bench(
       audio encoder's look-ahead), the configuration's algorithmic latency, reported separately.
     Timing: device synchronised around timed regions, warm-up excluded, median of --repeats with min
       and max. Per-stage times come from the sequential eager path, synchronised after each stage.
-    FLOP floor: FLOPs per frame (torch FlopCounterMode: DiT passes + refill + VAE decode) over the
-      device's measured dense matmul rate in the chosen dtype.
+    FLOP floor: FLOPs per frame (DiT passes + refill + VAE decode; matmuls and convolutions by torch's
+      FlopCounterMode, attention counted here from its shapes, 2*Lq*Lk*D per head for QK^T and again
+      for PV, on every device) over the device's measured dense matmul rate in the chosen dtype.
     Memory: CUDA allocated bytes on GPU, resident set on CPU, after every block of a --stream-minutes
       stream; after the first 10 %, the median of the last quarter minus that of the first quarter
       is the growth, flat if within max(16 MB, 2 %).
     """
     from livetalk_cli.bench import BenchSettings, run_bench, variant_in_subprocess
     from livetalk_cli.files import write_json_atomic
-    from livetalk_cli.pipeline import load_model
+    from livetalk_cli.pipeline import load_model, resolve_device
     from livetalk_cli.runtime.stream import StreamOptions
+    from livetalk_cli.sampling.accel import check_cuda_graphs
 
     with user_errors():
         settings = BenchSettings(
@@ -287,16 +301,17 @@ def bench(
             raise UserError(f"output directory does not exist: {json_out.parent}")
         options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs,
                                 compile_backend=compile_backend, split_threads=split_threads)
-        model = load_model(checkpoint=checkpoint, preset_name=preset, random_weights=random_weights,
-                           device=device, dtype=dtype, seed=seed)
-        if cuda_graphs and model.device.type != "cuda":
-            raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
+        if cuda_graphs:
+            check_cuda_graphs(resolve_device(device))
+        model = load_model(checkpoint=checkpoint, preset_name=preset and preset.value,
+                           random_weights=random_weights, device=device, dtype=dtype.value, seed=seed)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             task = progress.add_task("bench", total=None)
             same_model = [*(["--checkpoint", str(checkpoint)] if checkpoint else []),
-                          *(["--preset", preset] if preset else []), *(["--random-weights"] if random_weights else []),
-                          "--device", device, "--dtype", dtype, "--seed", str(seed), "--blocks", str(blocks),
+                          *(["--preset", preset.value] if preset else []),
+                          *(["--random-weights"] if random_weights else []), "--device", device,
+                          "--dtype", dtype.value, "--seed", str(seed), "--blocks", str(blocks),
                           "--warmup", str(warmup), "--repeats", str(repeats)]
             for flag, value in (("--height", height), ("--width", width), ("--steps", steps),
                                 ("--block-frames", block_frames), ("--sinks", sinks), ("--window", window)):
@@ -342,8 +357,9 @@ def print_bench(r: dict) -> None:
     if "flops" in r:
         fl = r["flops"]
         t.add_row("FLOP floor FPS", f"{fl['floor_fps']:.1f}", "", "",
-                  f"{(fl['dit_per_frame'] + fl['vae_decode_per_frame']) / 1e9:.3g} GFLOP/frame over "
-                  f"{fl['matmul_flop_per_s'] / 1e12:.3g} TFLOP/s matmul")
+                  f"{(fl['dit_per_frame'] + fl['vae_decode_per_frame']) / 1e9:.3g} GFLOP/frame "
+                  f"({100 * fl['dit_attention_per_frame'] / fl['dit_per_frame']:.0f}% of the DiT's in attention) "
+                  f"over {fl['matmul_flop_per_s'] / 1e12:.3g} TFLOP/s matmul")
         t.add_row("FLOP floor first frame (s)", f"{fl['floor_first_frame_s']:.4f}", "", "",
                   f"{fl['first_frame'] / 1e9:.3g} GFLOP to the first frame")
     ref = r["reference"]

@@ -1,14 +1,57 @@
-"""Writing outputs so that a crash never leaves a half-written file: temporary file, then rename."""
+"""Writing outputs so that a crash never leaves a half-written file: temporary file, then rename.
+
+Every atomic write in the toolkit goes through `atomic_path` (a file) or `atomic_dir` (a folder):
+the output is written under a hidden temporary name beside its destination and renamed onto it
+only once complete; on any error the temporary is removed and the destination is untouched.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from livetalk_cli.errors import UserError
+
+
+def temp_beside(path: Path) -> Path:
+    """A unique hidden name in `path`'s folder (same file system, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """`with atomic_path(p) as tmp:` write the file `tmp`; it becomes `p` when the block succeeds."""
+    tmp = temp_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(root: Path) -> Iterator[Path]:
+    """`with atomic_dir(d) as tmp:` fill the new folder `tmp`; it replaces `d` when the block succeeds."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(root)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -16,14 +59,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"output directory does not exist: {path.parent}")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def save_safetensors_atomic(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors `save_file`, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import struct
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +27,7 @@ from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTr
 from PIL import Image, ImageOps
 
 from livetalk_cli.errors import MediaError
+from livetalk_cli.files import temp_beside
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class VideoWriter:
         self.frames_written = 0
         if not self.path.parent.is_dir():
             raise MediaError(f"output directory does not exist: {self.path.parent}")
-        self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        self._tmp = temp_beside(self.path)  # renamed onto the path by close()
         self._audio: np.ndarray | None = None  # (n,) float32 at self._audio_rate
         self._audio_rate = sample_rate
         self._audio_pos = 0  # samples already sent to the encoder

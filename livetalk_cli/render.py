@@ -184,7 +184,7 @@ def render_batch(
             except UserError as e:
                 result = JobResult(job, "failed", error=str(e))
             except Exception as e:  # one broken job must not take the batch down
-                log.debug("job %s failed", job.audio, exc_info=True)
+                log.info("job %s crashed (traceback shown with -v)", job.audio, exc_info=True)
                 result = JobResult(job, "failed", error=f"{type(e).__name__}: {e}")
         results.append(result)
         if on_job_end is not None:

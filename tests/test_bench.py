@@ -170,7 +170,8 @@ def test_bench_compare_and_overrides(tmp_path):
         (["--window", "4"], "window"),
         (["--cuda-graphs"], "CUDA"),
         (["--json", "/nonexistent/dir/b.json"], "does not exist"),
-        (["--dtype", "float8"], "unknown dtype"),
+        (["--dtype", "float8"], "'float8' is not one of"),
+        (["--preset", "wan9"], "'wan9' is not one of"),
     ],
 )
 def test_bench_bad_options_fail_cleanly(args, message):

@@ -73,6 +73,16 @@ def test_checkpoint_round_trip_renders_identical_frames(tmp_path):
     va, vb = read_video(a), read_video(b)
     assert va.shape == vb.shape and np.array_equal(va, vb)
     assert va.std() > 1.0  # not a blank video
+    # the DiT reaches the frames: the same checkpoint with its output head zeroed renders otherwise
+    with torch.no_grad():
+        model.dit.head.head.weight.zero_()
+    save_checkpoint(tmp_path / "zero", model.cfg, {"dit": model.dit, "vae": model.vae,
+                                                   "text_encoder": model.text_encoder})
+    z = tmp_path / "z.mp4"
+    res = runner.invoke(app, ["render", str(audio), "--image", str(FACE), "--out", str(z), "--checkpoint",
+                              str(tmp_path / "zero")])
+    assert res.exit_code == 0, res.output
+    assert np.abs(read_video(z).astype(int) - va).mean() > 1.0
     # a different seed gives different frames
     c = tmp_path / "c.mp4"
     assert render(str(audio), "--image", str(FACE), "--out", str(c), "--seed", "7").exit_code == 0
@@ -189,3 +199,19 @@ def test_memory_does_not_grow_with_audio_length(tmp_path):
     # Measured here: 506 MB (10 s), 525 MB (60 s), 504 MB (120 s): flat within allocator noise.
     # Keeping 60 s of decoded float frames would add ~47 MB; the waveform itself is ~4 MB.
     assert long <= short + 40, (short, long)
+
+
+def test_a_crashing_job_is_one_line_and_its_traceback_shows_with_verbose(tmp_path, monkeypatch):
+    import livetalk_cli.render as render_mod
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(render_mod, "render_job", crash)
+    audio = write_wav(tmp_path / "a.wav", 0.3)
+    args = ["render", str(audio), "--image", str(FACE), "--out", str(tmp_path / "a.mp4"), "--random-weights",
+            "--device", "cpu"]
+    quiet = runner.invoke(app, args)
+    assert quiet.exit_code == 1 and "RuntimeError: kaboom" in quiet.output and "Traceback" not in quiet.output
+    loud = runner.invoke(app, ["-v", *args])
+    assert loud.exit_code == 1 and "Traceback" in loud.output and "kaboom" in loud.output

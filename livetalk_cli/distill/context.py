@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from livetalk_cli.config import ModelConfig
 from livetalk_cli.distill.recipe import Recipe
 from livetalk_cli.distill.trainer import Ranks, full_state
 from livetalk_cli.errors import UserError
+from livetalk_cli.files import atomic_path, save_safetensors_atomic
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.models.text import BuiltinTextEncoder
 from livetalk_cli.models.vae import WanVAE
@@ -117,9 +117,7 @@ def save_weights(module: nn.Module, path: Path, ranks: Ranks) -> None:
     if not ranks.main:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    save_safetensors_atomic(state, path)
 
 
 def stage_done(ctx: StageContext, stage: str) -> bool:
@@ -131,9 +129,8 @@ def mark_done(ctx: StageContext, stage: str, info: dict) -> None:
     if ctx.ranks.main:
         marker = ctx.out / stage / "done.json"
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(".done.json.tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, marker)
+        with atomic_path(marker) as tmp:
+            tmp.write_text(json.dumps(info, indent=1))
 
 
 def stage_modules(recipe: Recipe, device: torch.device | str = "meta") -> dict[str, dict[str, nn.Module]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from livetalk_cli.config import ModelConfig
 from livetalk_cli.errors import UserError
+from livetalk_cli.files import save_safetensors_atomic
 from livetalk_cli.models.audio import AudioFeatureEncoder, frame_features, samples_per_frame
 from livetalk_cli.models.vae import WanVAE
 from livetalk_cli.world.clip import WorldClip, WorldConfig, make_clip
@@ -166,9 +166,7 @@ def _reference_latents(cfg: ModelConfig, vae: WanVAE, clip: WorldClip) -> Tensor
 
 
 def _save_shard(path: Path, tensors: dict[str, Tensor], prompts: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"prompts": json.dumps(prompts)})
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path, metadata={"prompts": json.dumps(prompts)})
 
 
 def _has_reference(path: Path) -> bool:

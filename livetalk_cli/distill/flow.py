@@ -21,6 +21,7 @@ from livetalk_cli.models.attention import SelfAttention
 from livetalk_cli.models.dit import Conditioning, WanDiT, pack_audio_frames
 from livetalk_cli.sampling.block_sampler import reference_conditioning
 from livetalk_cli.sampling.causal import sequence_attention
+from livetalk_cli.sampling.schedule import pin_frames
 
 
 class FlowModel(nn.Module):
@@ -57,7 +58,9 @@ class FlowModel(nn.Module):
 
 def pin_reference(x: Tensor, ref: Tensor) -> Tensor:
     """Latent frame 0 := the reference latent (ref: (B, C, R, h, w), its latent 0)."""
-    return torch.cat([ref[:, :, :1].to(x.dtype), x[:, :, 1:]], dim=2)
+    pin = torch.zeros(1, 1, x.shape[2], 1, 1, device=x.device, dtype=x.dtype)
+    pin[:, :, 0] = 1
+    return pin_frames(x, ref[:, :, :1].to(x.dtype), pin)
 
 
 def drop_conditions(context: Tensor, audio: Tensor, empty: Tensor, drop_text: Tensor,

@@ -14,7 +14,8 @@ Methods (also written into the report):
 * Teacher: bidirectional, `trajectories.num_steps` Euler steps with CFG (2 forwards per step),
   whole clip decoded at once. Students: the streaming path `livetalk render` uses (4 steps + refill
   per 3-latent block, KV cache with identity sinks, streaming VAE with the model's anchor).
-* DiT FLOPs per generated frame: `torch.utils.flop_counter.FlopCounterMode` over the real calls
+* DiT FLOPs per generated frame: `flops.FlopCount` (torch's FlopCounterMode for matmuls and convolutions,
+  attention counted from its shapes, which torch's counter misses on CPU) over the real calls
   (teacher: one forward x 2 x steps / video frames of the clip; student: one steady-state block
   (cache full) / its video frames). VAE decode FLOPs per frame separately.
 * First-frame latency (this machine): from the call that starts generation (models loaded) to the
@@ -42,13 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from livetalk_cli.distill.context import StageContext
 from livetalk_cli.distill.data import clip_audio_features, video_tensor, world_clip
 from livetalk_cli.distill.flow import FlowModel
 from livetalk_cli.distill.vae_stage import roundtrip_frames, stream_decode_error, stream_roundtrip_frames
 from livetalk_cli.files import write_text_atomic
+from livetalk_cli.flops import FlopCount
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.pipeline import LoadedModel, load_model
 from livetalk_cli.runtime.scheduler import stream_video
@@ -104,9 +105,9 @@ def teacher_frames(model: LoadedModel, teacher: WanDiT, clip: Any, num_frames: i
 
 
 def dit_flops(fn: Any) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCount() as counter:
         fn()
-    return int(counter.get_total_flops())
+    return counter.total
 
 
 @torch.no_grad()

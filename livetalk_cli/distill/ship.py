@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from livetalk_cli.checkpoint import read_checkpoint_spec
 from livetalk_cli.errors import UserError
+from livetalk_cli.files import atomic_dir
 from livetalk_cli.pipeline import EMBEDDED_DEFAULT
 
 log = logging.getLogger(__name__)
@@ -30,9 +28,7 @@ def ship(src: Path, dest: Path = EMBEDDED_DEFAULT, max_bytes: int = MAX_BYTES) -
     """Copy checkpoint folder `src` to `dest` in fp16; returns the bytes written."""
     spec = read_checkpoint_spec(src)
     meta = json.loads((src / "config.json").read_text())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         files = {}
         for role, path in spec.files.items():
             if path is None:
@@ -45,18 +41,12 @@ def ship(src: Path, dest: Path = EMBEDDED_DEFAULT, max_bytes: int = MAX_BYTES) -
         meta["files"] = files
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         for p in tmp.iterdir():
-            p.chmod(0o644)  # package data: readable by every user (mkstemp/mkdtemp make them private)
+            p.chmod(0o644)  # package data: readable by every user
         tmp.chmod(0o755)
         size = sum(p.stat().st_size for p in tmp.iterdir())
         if size > max_bytes:
             raise UserError(f"{src}: {size / 2**20:.1f} MB in fp16, over the {max_bytes / 2**20:.0f} MB budget")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        return size
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return size
 
 
 def main() -> None:

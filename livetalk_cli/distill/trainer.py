@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from livetalk_cli.distill.recipe import LoopConfig, OptimConfig
 from livetalk_cli.errors import CheckpointError
+from livetalk_cli.files import atomic_path, save_safetensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +220,12 @@ class TrainState:
         if not ranks.main:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_j = directory / ".checkpoint.safetensors.tmp", directory / ".checkpoint.json.tmp"
-        save_file(tensors, str(tmp_w))
         info = {"step": self.step, "extra": self.extra, "param_groups": groups, **meta}
-        tmp_j.write_text(json.dumps(info, indent=1, default=str))
         # Weights first, then the JSON that points at them: a crash in between leaves the
         # previous JSON, whose step is older than the weights; load checks they agree.
-        os.replace(tmp_w, directory / "checkpoint.safetensors")
-        os.replace(tmp_j, directory / "checkpoint.json")
+        save_safetensors_atomic(tensors, directory / "checkpoint.safetensors")
+        with atomic_path(directory / "checkpoint.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=1, default=str))
 
     def load(self, directory: Path) -> bool:
         """Restore from `directory` if it has a checkpoint; False when starting fresh."""
@@ -287,9 +286,8 @@ class JsonlLog:
                     continue  # a line cut by a kill
                 if rec.get("step", -1) <= resume_step:
                     kept.append(line)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:

@@ -12,15 +12,14 @@ Shards: `trajectories/shard_00000.safetensors` with `latents` (n, K, C, F, h, w)
 
 from __future__ import annotations
 
-import os
-
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from livetalk_cli.distill.context import StageContext, mark_done, stage_done
 from livetalk_cli.distill.data import LatentSet, load_latents
 from livetalk_cli.distill.flow import FlowModel
 from livetalk_cli.distill.trainer import generator
+from livetalk_cli.files import save_safetensors_atomic
 from livetalk_cli.models.text import BuiltinTextEncoder
 from livetalk_cli.sampling.teacher import teacher_sample
 
@@ -51,9 +50,7 @@ def run_trajectory_stage(ctx: StageContext) -> None:
             batch = idx[b: b + st.batch_size]
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.precision == torch.bfloat16):
                 kept.append(sample_batch(ctx, flow, text, data, batch, (c, f, h, w)))
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"latents": torch.cat(kept).half().contiguous(), "index": torch.tensor(idx)}, str(tmp))
-        os.replace(tmp, path)
+        save_safetensors_atomic({"latents": torch.cat(kept).half().contiguous(), "index": torch.tensor(idx)}, path)
         done += 1
         ctx.progress("trajectories", done, num_shards)
     ranks.barrier()

@@ -29,6 +29,7 @@ from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.models.vae import StillReference
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.runtime.vae_stream import VAEStream
+from livetalk_cli.sampling.accel import check_cuda_graphs
 from livetalk_cli.sampling.block_sampler import BlockSampler
 
 
@@ -83,8 +84,8 @@ class AvatarStream:
         compile, cuda_graphs = options.compile, options.cuda_graphs
         if not cfg.dit.has_audio:
             raise UserError(f"preset {cfg.name!r} has no audio conditioning; use an omniavatar preset")
-        if cuda_graphs and model.device.type != "cuda":
-            raise UserError("CUDA graphs need a CUDA device (--device cuda)")
+        if cuda_graphs:
+            check_cuda_graphs(model.device)
         self.model, self.cfg = model, cfg
         self.sampler = BlockSampler(model.dit, cfg, device=model.device)
         if compile or cuda_graphs:

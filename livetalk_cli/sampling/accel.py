@@ -50,6 +50,12 @@ def _with_tensors(args: Any, tensors: list[Tensor]) -> Any:
     return tree_unflatten([next(it) if isinstance(x, Tensor) else x for x in leaves], spec)
 
 
+def check_cuda_graphs(device: torch.device) -> None:
+    """CUDA graphs need the model on a CUDA device: the one check, made before any work."""
+    if device.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
+
+
 class CudaGraphed:
     """fn(*args) replayed from a CUDA graph; re-captured if the argument structure or shapes change."""
 
@@ -63,8 +69,7 @@ class CudaGraphed:
 
     def __call__(self, *args: Any) -> Any:
         leaves, key = _signature(args)
-        if not leaves or leaves[0].device.type != "cuda":
-            raise UserError("CUDA graphs need the model on a CUDA device (--device cuda)")
+        check_cuda_graphs(leaves[0].device if leaves else torch.device("cpu"))
         if key != self._key:
             self._capture(args, leaves, key)
         else:

@@ -24,7 +24,7 @@ from livetalk_cli.config import ModelConfig
 from livetalk_cli.models.attention import KVWindow, WindowAttention
 from livetalk_cli.models.dit import Conditioning, WanDiT
 from livetalk_cli.sampling.kv_cache import BlockKVCache
-from livetalk_cli.sampling.schedule import renoise, sampling_sigmas
+from livetalk_cli.sampling.schedule import pin_frames, renoise, sampling_sigmas
 
 
 def dit_pass(dit: WanDiT, x: Tensor, t: Tensor, cond: Conditioning, window: KVWindow, *, keep_kv: bool = False
@@ -64,12 +64,11 @@ def denoise(
     """
     num_steps = noise.shape[0] if grad_step is None else grad_step + 1
     b, _, f = noise.shape[1:4]
-    keep = 1 - pin
 
     def step(x: Tensor, i: int) -> Tensor:
-        x = x * keep + ref * pin
+        x = pin_frames(x, ref, pin)
         v = dit_pass(dit, x, (sigmas[i] * 1000).expand(b, f), cond, window)[0]
-        return (x - sigmas[i] * v) * keep + ref * pin
+        return pin_frames(x - sigmas[i] * v, ref, pin)
 
     x = x0 = noise[0]
     for i in range(num_steps):

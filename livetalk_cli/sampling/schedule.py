@@ -26,3 +26,10 @@ def x0_from_flow(x_t: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
 
 def renoise(x0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
     return (1 - sigma) * x0 + sigma * noise
+
+
+def pin_frames(x: Tensor, ref: Tensor, pin: Tensor) -> Tensor:
+    """OmniAvatar's reference pinning, the one implementation: frames where `pin` is 1 become the
+    reference latent. x: (B, C, F, h, w); ref: (B, C, 1, h, w); pin: (1, 1, F, 1, 1) of 0/1. A
+    multiply-add (static shapes, compiles), exact for finite values."""
+    return x * (1 - pin) + ref * pin

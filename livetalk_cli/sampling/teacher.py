@@ -13,7 +13,7 @@ from torch import Tensor
 
 from livetalk_cli.models.dit import Conditioning, WanDiT
 from livetalk_cli.sampling.causal import sequence_attention
-from livetalk_cli.sampling.schedule import sampling_sigmas
+from livetalk_cli.sampling.schedule import pin_frames, sampling_sigmas
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def teacher_sample(
     x = noise.float()
     kept: dict[int, Tensor] = {}
     for i in range(num_steps):
-        x = x * (1 - pin) + ref * pin
+        x = pin_frames(x, ref, pin)
         if i in keep_steps:
             kept[i] = x.clone()
         t = torch.full((b, f), sig[i] * 1000, device=x.device)
@@ -58,7 +58,7 @@ def teacher_sample(
             v_u = dit(x, t, uncond, attn)
             v = v_u + guidance * (v - v_u)
         x = x + (sig[i + 1] - sig[i]) * v
-    x = x * (1 - pin) + ref * pin
+    x = pin_frames(x, ref, pin)
     if num_steps in keep_steps:
         kept[num_steps] = x.clone()
     return x, kept
