@@ -137,6 +137,7 @@ def test_bench_cli_produces_consistent_figures(tmp_path):
     fl = r["flops"]
     per_frame = fl["dit_per_frame"] + fl["vae_decode_per_frame"]
     assert fl["dit_per_frame"] > 0 and fl["vae_decode_per_frame"] > 0 and fl["first_frame"] > 0
+    assert 0.05 * fl["dit_per_frame"] < fl["dit_attention_per_frame"] < fl["dit_per_frame"]  # counted on CPU
     # the first frame costs the first block's 4 passes: more than one frame of the steady state
     assert fl["first_frame"] > per_frame
     assert fl["floor_fps"] == pytest.approx(fl["matmul_flop_per_s"] / per_frame)
@@ -144,8 +145,7 @@ def test_bench_cli_produces_consistent_figures(tmp_path):
     mem = r["memory_stream"]
     assert mem["minutes"] >= 0.1 and mem["flat"], mem
     assert r["latency_budget"]["audio_before_first_block_s"] == pytest.approx(9 / 16)
-    assert r["reference"]["fps"] == 24.82
-    assert "steady-state FPS" in res.output and "LiveTalk" in res.output
+    assert "steady-state FPS" in res.output and "LiveTalk (published)" in res.output
 
 
 def test_bench_compare_and_overrides(tmp_path):
@@ -157,8 +157,11 @@ def test_bench_compare_and_overrides(tmp_path):
     r = json.loads(out.read_text())
     assert (r["model"]["height"], r["model"]["width"], r["model"]["steps"]) == (32, 48, 2)
     assert (r["model"]["sink_frames"], r["model"]["window_frames"]) == (0, 6)
-    assert [c["options"] for c in r["compare"]] == ["sequential eager", "pipelined", "pipelined+compile"]
-    assert r["compare"][0]["fps_gain"] == 1.0
+    rows = r["compare"]
+    assert [c["options"] for c in rows] == ["sequential eager", "pipelined", "pipelined+compile"]
+    for row in rows[1:]:  # gains are against the first (sequential eager) row, each from its own run
+        assert row["fps"]["median"] > 0 and row["first_frame_s"]["median"] > 0
+        assert row["fps_gain"] == pytest.approx(row["fps"]["median"] / rows[0]["fps"]["median"])
     assert "memory_stream" not in r
 
 
