@@ -296,19 +296,21 @@ def flops(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, prompt: s
         next(stream.decode(x0))  # the first-frame chunk only
     stream = AvatarStream(model, StreamOptions(pipelined=False))
     stream.start(image, prompt, seed=0)
+    every = max(1, cfg.stream.vae_anchor_every)  # the VAE anchor's decode is shared by `every` blocks
     needed = 1 + (cfg.stream.sink_frames + cfg.stream.window_frames) // cfg.stream.block_frames
-    for _ in range(needed):  # fill the sinks and the window
+    for _ in range(max(needed, every + 1)):  # fill the sinks and the window; past the first anchor
         stream.next_block(wave)
     frames = stream.tf * cfg.stream.block_frames
     with FlopCount() as dit_counter:
         x0, cond = stream.sample(wave)
         stream.refill(x0, cond)
-    with FlopCount() as vae_counter:
-        list(stream.decode(x0))
+    with FlopCount() as vae_counter:  # `every` blocks: one anchor among them
+        for _ in range(every):
+            list(stream.decode(x0))
     return {
         "dit_per_frame": dit_counter.total / frames,
         "dit_attention_per_frame": dit_counter.attention / frames,
-        "vae_decode_per_frame": vae_counter.total / frames,
+        "vae_decode_per_frame": vae_counter.total / (every * frames),
         "first_frame": float(first_counter.total),
         "counting": "torch FlopCounterMode for matmuls and convolutions; attention from its shapes, "
                     "2*Lq*Lk*D per head for QK^T and again for PV",
@@ -362,7 +364,8 @@ def measure_variant(model: LoadedModel, options: StreamOptions, wave: torch.Tens
 
 def variants(base: StreamOptions, device: torch.device) -> list[StreamOptions]:
     """Baseline, then each optimisation added in turn, for --compare."""
-    out = [StreamOptions(pipelined=False, compile_backend=base.compile_backend, split_threads=base.split_threads)]
+    out = [StreamOptions(pipelined=False, compile_backend=base.compile_backend, split_threads=base.split_threads,
+                         threads=base.threads)]
     out.append(dataclasses.replace(out[-1], pipelined=True))
     out.append(dataclasses.replace(out[-1], compile=True))
     if device.type == "cuda":
@@ -378,6 +381,7 @@ def variant_in_subprocess(args: list[str], options: StreamOptions) -> dict[str, 
              "--compile" if options.compile else "--no-compile",
              "--cuda-graphs" if options.cuda_graphs else "--no-cuda-graphs",
              "--split-threads" if options.split_threads else "--no-split-threads",
+             *(["--threads", str(options.threads)] if options.threads else []),
              "--compile-backend", options.compile_backend]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "variant.json"

@@ -73,6 +73,9 @@ PipelinedOpt = Annotated[
                        help="Denoise block n+1 while block n is decoded (worker thread; CUDA stream on GPU).")
 ]
 CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the block step.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="CPU intra-op threads for the stream (default: torch's, one per core).")
+]
 GraphsOpt = Annotated[
     bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the block step from CUDA graphs (CUDA only).")
 ]
@@ -109,6 +112,7 @@ def render(
     pipelined: PipelinedOpt = True,
     compile: CompileOpt = False,
     cuda_graphs: GraphsOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Render AUDIO files (+ a reference image and a prompt) into MP4 videos with the audio muxed in.
 
@@ -160,7 +164,7 @@ def render(
                         highlight=False,
                     )
 
-            options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs)
+            options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs, threads=threads)
             results = render_batch(
                 model, jobs, seed=seed, fit=fit.value, overwrite=overwrite, options=options,
                 on_job_start=start, on_frames=frames, on_job_end=end,
@@ -251,6 +255,7 @@ def bench(
         bool, typer.Option("--split-threads/--no-split-threads",
                            help="CPU pipeline: half the intra-op threads for the DiT thread, half for the decoder.")
     ] = True,
+    threads: ThreadsOpt = None,
     blocks: Annotated[int, typer.Option(help="Measured blocks per FPS run (>= 20).")] = 20,
     warmup: Annotated[int, typer.Option(help="Blocks of each FPS run before timing starts.")] = 3,
     repeats: Annotated[int, typer.Option(help="Repeats of every timing (median, min, max).")] = 3,
@@ -300,9 +305,13 @@ def bench(
         if json_out is not None and not json_out.parent.is_dir():
             raise UserError(f"output directory does not exist: {json_out.parent}")
         options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs,
-                                compile_backend=compile_backend, split_threads=split_threads)
+                                compile_backend=compile_backend, split_threads=split_threads, threads=threads)
         if cuda_graphs:
             check_cuda_graphs(resolve_device(device))
+        if threads:  # every figure of this process (stage times, FLOP probe, streams) with that many
+            import torch
+
+            torch.set_num_threads(threads)
         model = load_model(checkpoint=checkpoint, preset_name=preset and preset.value,
                            random_weights=random_weights, device=device, dtype=dtype.value, seed=seed)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

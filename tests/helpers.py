@@ -31,3 +31,21 @@ def tiny_dit(cfg: ModelConfig, seed: int = 0) -> WanDiT:
 def random_text_kv(dit: WanDiT, cfg: ModelConfig, batch: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     context = torch.randn(batch, cfg.dit.text_len, cfg.dit.text_dim)
     return dit.prepare_text(context)
+
+
+def written_out_block(flow, noise, sigmas, ref, first_block: bool) -> torch.Tensor:
+    """The student's block sampler written out from REFERENCE §5, for references: K steps of x0 =
+    x - sigma * v and re-noise to the next sigma with that step's noise; in the stream's first
+    block latent frame 0 is the reference latent at every step. flow(x, sigma) → v for the block.
+    noise: (K, B, C, f, h, w); ref: (B, C, R, h, w) (latent 0 is pinned). Returns x0."""
+    pin = torch.zeros(1, 1, noise.shape[3], 1, 1)
+    if first_block:
+        pin[:, :, 0] = 1
+    r = ref[:, :, :1]
+    x = noise[0]
+    for i in range(noise.shape[0]):
+        x = x * (1 - pin) + r * pin
+        x0 = (x - sigmas[i] * flow(x, float(sigmas[i]))) * (1 - pin) + r * pin
+        if i + 1 < noise.shape[0]:
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise[i + 1]
+    return x0

@@ -18,8 +18,8 @@ from livetalk_cli.models.attention import WindowAttention
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.sampling.block_sampler import BlockSampler, reference_conditioning
 from livetalk_cli.sampling.kv_cache import BlockKVCache
-from livetalk_cli.sampling.schedule import renoise, sampling_sigmas
-from tests.helpers import random_text_kv, tiny_cfg, tiny_dit
+from livetalk_cli.sampling.schedule import sampling_sigmas
+from tests.helpers import random_text_kv, tiny_cfg, tiny_dit, written_out_block
 
 SINKS, WINDOW, BF = 3, 6, 3  # 1 sink block, a ring of 2 blocks
 BLOCKS = 8  # the ring wraps at blocks 3, 4, ... (5 evictions)
@@ -157,8 +157,7 @@ def _stream_inputs(cfg, dit, seed=1):
 
 
 def _history_stream(cfg, dit, text_kv, noise, ref, audio, relative):
-    """The sampler written out: K steps of x0-prediction and re-noise, block 0's frame 0 pinned,
-    then the t = 0 pass whose K/V join the history."""
+    """The sampler written out (`written_out_block`), then the t = 0 pass whose K/V join the history."""
     sig = sampling_sigmas(cfg.stream.num_steps, cfg.stream.shift).float()
     ctx = HistoryAttention((cfg.latent_hw[0] // 2, cfg.latent_hw[1] // 2), relative)
     outs = []
@@ -166,16 +165,8 @@ def _history_stream(cfg, dit, text_kv, noise, ref, audio, relative):
         ctx.block = n
         y = reference_conditioning(ref, BF, first_known=n == 0, offset=n * BF)
         cond = Conditioning(text_kv, y, audio[:, :, n * BF:(n + 1) * BF])
-        pin = torch.zeros(1, 1, BF, 1, 1)
-        if n == 0:
-            pin[:, :, 0] = 1
-        x = nz[0]
-        for i in range(nz.shape[0]):
-            x = x * (1 - pin) + ref[:, :, :1] * pin
-            v = dit(x, torch.full((1, BF), float(sig[i]) * 1000), cond, ctx)
-            x0 = (x - sig[i] * v) * (1 - pin) + ref[:, :, :1] * pin
-            if i + 1 < nz.shape[0]:
-                x = renoise(x0, nz[i + 1], sig[i + 1])
+        x0 = written_out_block(lambda x, sigma, cond=cond: dit(x, torch.full((1, BF), sigma * 1000), cond, ctx),
+                               nz, sig, ref, first_block=n == 0)
         ctx.recording = []
         dit(x0, torch.zeros(1, BF), cond, ctx)
         ctx.history.append(ctx.recording)

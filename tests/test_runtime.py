@@ -114,3 +114,17 @@ def test_frame_features_from_a_buffer_equal_the_whole_waveform(model):
     torch.testing.assert_close(part, whole, atol=0, rtol=0)
     with pytest.raises(ValueError, match="buffer starts"):
         frame_features(enc, wave[start + 1:], spf, 20, 12, 8, 2, wave_start=start + 1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_thread_count_is_a_stream_setting(model, pipelined):
+    wave, image = _inputs(model, 2.0)
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    stream = AvatarStream(model, StreamOptions(pipelined=pipelined, threads=1, split_threads=False))
+    stream.start(image, "", seed=1)
+    for _ in stream_video(stream, wave, 3):
+        seen.append(torch.get_num_threads())  # the caller's thread, while the stream runs
+    stream.close()
+    assert set(seen) == {1} and torch.get_num_threads() == before  # applied, then undone

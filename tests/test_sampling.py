@@ -8,9 +8,9 @@ import torch
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.sampling.block_sampler import BlockSampler, block_step, reference_conditioning
 from livetalk_cli.sampling.causal import causal_forward
-from livetalk_cli.sampling.schedule import renoise, sampling_sigmas
+from livetalk_cli.sampling.schedule import sampling_sigmas
 from livetalk_cli.sampling.teacher import teacher_sample
-from tests.helpers import random_text_kv, tiny_cfg, tiny_dit
+from tests.helpers import random_text_kv, tiny_cfg, tiny_dit, written_out_block
 
 TOL = dict(atol=2e-4, rtol=2e-4)
 
@@ -42,19 +42,15 @@ def _reference_stream(cfg, dit, text_kv, noise, ref, audio, *, sink=None, window
     for n, nz in enumerate(noise):
         f_total = (n + 1) * bf
         cond = Conditioning(text_kv, reference_conditioning(ref, f_total, first_known=True), audio[:, :, :f_total])
-        pin = torch.zeros(1, 1, bf, 1, 1)
-        if n == 0:
-            pin[:, :, 0] = 1
-        x = nz[0]
-        for i in range(nz.shape[0]):
-            x = x * (1 - pin) + ref[:, :, :1] * pin
-            seq = torch.cat(past + [x], dim=2)
-            t = torch.cat([torch.zeros(1, n * bf), torch.full((1, bf), float(sig[i]) * 1000)], dim=1)
-            v = causal_forward(dit, seq, t, cond, bf, sink_frames=sink, window_frames=window)[:, :, -bf:]
+
+        def flow(x, sigma, n=n, cond=cond):  # one uncached forward over [clean past | noisy block]
+            t = torch.cat([torch.zeros(1, n * bf), torch.full((1, bf), sigma * 1000)], dim=1)
+            v = causal_forward(dit, torch.cat(past + [x], dim=2), t, cond, bf, sink_frames=sink,
+                               window_frames=window)[:, :, -bf:]
             flows.append(v)
-            x0 = (x - sig[i] * v) * (1 - pin) + ref[:, :, :1] * pin
-            if i + 1 < nz.shape[0]:
-                x = renoise(x0, nz[i + 1], sig[i + 1])
+            return v
+
+        x0 = written_out_block(flow, nz, sig, ref, first_block=n == 0)
         past.append(x0)
         outs.append(x0)
     return flows, outs
