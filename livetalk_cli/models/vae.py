@@ -375,7 +375,7 @@ class WanVAE(nn.Module):
         """Whole latent sequence (B,z,F,h,w) in one call, no cache -> (B,3,1+4(F-1),8h,8w) in [-1,1]."""
         return self._decode(z, None)
 
-    # --- the streaming decoder's engine contract: one latent per call, explicit named slots ------
+    # --- the streaming decoder's engine contract: explicit, fixed-shape named slots ---------------
     def decoder_slot_names(self) -> list[str]:
         """The decoder's streaming slots in order: the module each belongs to (a causal conv keeps
         its last 2 input frames; an `upsample3d` time conv likewise)."""
@@ -388,7 +388,6 @@ class WanVAE(nn.Module):
         """A stream's first latents (B,z,T,h,w), T >= 1 → frames (B,3,1+4(T-1),8h,8w) (the first
         latent decodes to one frame) and the decoder's slots after them (`decoder_slot_names()`
         order; fixed shapes whatever T)."""
-        self._check_latents(z)
         cache = VAEStreamCache.empty(self.decoder.num_cache_slots)
         frames = self._decode(z, cache)
         return frames, cache.slots  # type: ignore[return-value]  # the call writes every slot
@@ -396,20 +395,15 @@ class WanVAE(nn.Module):
     def decode_next(self, z: Tensor, slots: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Later latents (B,z,T,h,w) and the slots of the call before → (B,3,4T,8h,8w) and the new
         slots. Pure: the input slots are not modified (no output is ever bound onto an input)."""
-        self._check_latents(z)
         if len(slots) != self.decoder.num_cache_slots:
             raise ValueError(f"decode_next wants {self.decoder.num_cache_slots} slots, got {len(slots)}")
         cache = VAEStreamCache(list(slots), started=True)
         frames = self._decode(z, cache)
         return frames, cache.slots  # type: ignore[return-value]
 
-    def _check_latents(self, z: Tensor) -> None:
-        if z.ndim != 5 or z.shape[1] != self.cfg.z_dim or z.shape[2] < 1:
-            raise ValueError(f"the streaming decoder takes latents (B,{self.cfg.z_dim},T>=1,h,w); got {tuple(z.shape)}")
-
     def _decode(self, z: Tensor, cache: VAEStreamCache | None) -> Tensor:
         if z.ndim != 5 or z.shape[1] != self.cfg.z_dim or z.shape[2] < 1:
-            raise ValueError(f"decode wants (B,{self.cfg.z_dim},F>=1,h,w); got {tuple(z.shape)}")
+            raise ValueError(f"decode wants latents (B,{self.cfg.z_dim},F>=1,h,w); got {tuple(z.shape)}")
         mean, std = self._stats(z)
         x = self.conv2(z * std + mean, None)
         return self.decoder(x, cache).clamp(-1.0, 1.0)

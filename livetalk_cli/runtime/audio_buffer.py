@@ -2,7 +2,7 @@
 
 Audio arrives in pieces (16 kHz mono float32, sample 0 = the start of video frame 0). A block
 needs the samples of its frames plus the audio encoder's context before and look-ahead after
-(`AvatarStream.audio_window`); everything older than the next block's context is dropped, so a
+(`models.audio.audio_window_samples`); everything older than the next block's context is dropped, so a
 stream of any length holds a few seconds of audio at most. More than `capacity` samples waiting
 is an error (the producer is outrunning the model), never unbounded growth.
 """

@@ -25,8 +25,7 @@ from livetalk_cli.runtime.stream import AvatarStream, StreamOptions, frames_to_u
 class AvatarSession:
     def __init__(self, model: LoadedModel, *, options: StreamOptions | None = None, buffer_s: float = 30.0):
         self.stream = AvatarStream(model, options or StreamOptions(pipelined=False))
-        self.sample_rate = model.cfg.audio.sample_rate
-        self.buffer = AudioBuffer(int(buffer_s * self.sample_rate))
+        self.buffer = AudioBuffer(int(buffer_s * model.cfg.audio.sample_rate))
         self.started = False
 
     @property

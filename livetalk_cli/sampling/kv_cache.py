@@ -83,7 +83,6 @@ class BlockKVCache:
         self.frames_done = 0  # absolute latent frames committed so far
         self._valid = [False] * self.past_slots
         self._abs = [0] * self.past_slots  # absolute frame index held by each slot
-        self._rotated_at = [0] * self.past_slots  # position each stored key was rotated at
         self._refresh()
 
     @property
@@ -105,29 +104,31 @@ class BlockKVCache:
         k, v: (NL, B, Nb, H, D), keys after the q/k norm and before RoPE (`WindowAttention`).
         """
         bf, s = self.block_frames, self.tokens_per_frame
-        rotated_at = self._block_positions()  # where `self.cos`/`self.sin` put this block
+        wrapped = False  # the block evicts a ring block: with relative positions the whole ring moves
         if self.sinks_filled < self.sink_frames:
             dest = self.sinks_filled
             self.sinks_filled += bf
         elif self.ring_blocks > 0:
             dest = self.sink_frames + self.ring_next * bf
+            wrapped = self.ring_filled == self.ring_blocks
             self.ring_next = (self.ring_next + 1) % self.ring_blocks
             self.ring_filled = min(self.ring_filled + 1, self.ring_blocks)
         else:
             dest = None  # no window: only the sinks are remembered
         if dest is not None:
             dst = slice(dest * s, (dest + bf) * s)
-            self.k[:, :, dst].copy_(apply_rope(k, self.cos, self.sin))  # rotated at this block's positions
             self.v[:, :, dst].copy_(v)
             if self.k_ring_raw is not None and dest >= self.sink_frames:
                 r0 = (dest - self.sink_frames) * s
                 self.k_ring_raw[:, :, r0: r0 + bf * s].copy_(k)
+            if self.k_ring_raw is not None and wrapped:
+                self._rotate_ring()  # the new block included
+            else:  # its position is final: rotated once, at the tables its passes used
+                self.k[:, :, dst].copy_(apply_rope(k, self.cos, self.sin))
             for j in range(bf):
                 self._valid[dest + j] = True
                 self._abs[dest + j] = self.frames_done + j
-                self._rotated_at[dest + j] = rotated_at[j]
         self.frames_done += bf
-        self._rerotate_ring()
         self._refresh()
 
     def slot_positions(self) -> list[int]:
@@ -147,19 +148,13 @@ class BlockKVCache:
         base = self.sinks_filled + self.ring_filled * self.block_frames if self.relative_rope else self.frames_done
         return [base + j for j in range(self.block_frames)]
 
-    def _rerotate_ring(self) -> None:
-        """Relative positions: after the ring wraps, rotate its keys again at their new positions."""
-        if self.k_ring_raw is None:
-            return
+    def _rotate_ring(self) -> None:
+        """Relative positions after the ring wrapped: rotate every ring key at its new position
+        (oldest block first, after the sinks), from the ring's pre-RoPE copy."""
+        assert self.k_ring_raw is not None
         pos = self.slot_positions()[self.sink_frames: self.past_slots]
-        ring = range(self.sink_frames, self.past_slots)
-        if all(pos[i] == self._rotated_at[slot] or not self._valid[slot] for i, slot in enumerate(ring)):
-            return
         cos, sin = self.rope.tables(torch.tensor(pos, device=self.device))
-        s = self.tokens_per_frame
-        self.k[:, :, self.sink_frames * s:].copy_(apply_rope(self.k_ring_raw, cos, sin))
-        for i, slot in enumerate(ring):
-            self._rotated_at[slot] = pos[i]
+        self.k[:, :, self.sink_frames * self.tokens_per_frame:].copy_(apply_rope(self.k_ring_raw, cos, sin))
 
     def _refresh(self) -> None:
         """The block's RoPE tables and the validity mask for the next passes."""
