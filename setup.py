@@ -15,8 +15,8 @@ setup(
         "av>=12",
         "pillow>=10",
         "safetensors>=0.4",
-        "typer>=0.12",
-        "rich>=13",
+        "typer>=0.20,<0.29",  # 0.29 tags every option with <bool>/<str> in --help (tests/test_cli.py)
+        "rich>=13,<16",
         "pyyaml>=6",
     ],
     extras_require={

@@ -65,12 +65,15 @@ class BenchSettings:
     stage_blocks: int = 8  # blocks timed stage by stage
     compare: bool = False  # also measure every optimisation on/off
     speed_only: bool = False  # only FPS and first-frame latency (what --compare needs of each variant)
+    background_load: int = 0  # busy processes during a second FPS/first-frame measurement (0 = none)
 
     def validate(self) -> None:
         if self.blocks < 20:
             raise UserError(f"--blocks must be at least 20 (steady state), got {self.blocks}")
         if self.warmup < 1 or self.repeats < 1 or self.stage_blocks < 1:
             raise UserError("--warmup, --repeats and --stage-blocks must be at least 1")
+        if self.background_load < 0:
+            raise UserError("--background-load must be >= 0")
         if self.stream_minutes < 0:
             raise UserError("--stream-minutes must be >= 0")
         for name in ("height", "width", "steps", "block_frames"):
@@ -435,6 +438,17 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
     main = measure_variant(model, options, wave, image, prompt, s)
     result["fps"], result["first_frame_s"] = main["fps"], main["first_frame_s"]
     result["realtime_factor"] = main["fps"]["median"] / cfg.fps
+    if s.background_load:
+        from livetalk_cli.load import busy_processes
+
+        status(f"measuring {options.label()} again beside {s.background_load} busy process(es)")
+        with busy_processes(s.background_load):
+            loaded = measure_variant(model, options, wave, image, prompt, s)
+        result["loaded"] = {
+            "busy_processes": s.background_load, "fps": loaded["fps"], "first_frame_s": loaded["first_frame_s"],
+            "first_frame_vs_quiet": loaded["first_frame_s"]["median"] / main["first_frame_s"]["median"],
+            "fps_vs_quiet": loaded["fps"]["median"] / main["fps"]["median"],
+        }
     if s.speed_only:
         return result
     status("per-stage times (sequential, eager, synchronised)")

@@ -15,7 +15,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from livetalk_cli.config import PRESETS
 from livetalk_cli.errors import UserError
@@ -28,8 +39,24 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"livetalk {version('livetalk')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("livetalk (not installed: no version)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -40,12 +67,35 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """A user error is one line on stderr and exit code 2, never a traceback."""
+    """A user error is one line on stderr and exit code 2, never a traceback. Ctrl-C is one line
+    and exit code 130: every output is written to a temporary file renamed only when complete, so
+    an interrupted command leaves no partial output (finished outputs stay)."""
     try:
         yield
     except UserError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: no partial output was written (finished outputs are kept)", highlight=False)
+        raise typer.Exit(130) from None
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a task (its `unit` field names them), once there is a rate."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "")
+        if not unit or task.speed is None:
+            return Text("")
+        return Text(f"{task.speed:.1f} {'fps' if unit == 'frames' else unit + '/s'}")
+
+
+def render_progress() -> Progress:
+    return Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
+        disable=not err.is_terminal,  # piped stderr: the results' lines only
+    )
 
 
 class Fit(StrEnum):
@@ -116,64 +166,80 @@ def render(
 ) -> None:
     """Render AUDIO files (+ a reference image and a prompt) into MP4 videos with the audio muxed in.
 
-    Finished outputs are skipped, so an interrupted batch resumes where it stopped.
+    Every job's inputs are checked before the model loads. An output that exists is skipped when
+    it was made from the same inputs (a batch resumes); otherwise --overwrite is needed.
     """
-    from livetalk_cli.pipeline import load_model, resolve_device
-    from livetalk_cli.render import JobResult, RenderJob, jobs_from_args, read_manifest, render_batch
+    from livetalk_cli.jobs import job_record, jobs_from_args, plan_jobs, read_manifest
+    from livetalk_cli.pipeline import load_model, model_identity, resolve_device, resolve_dtype
+    from livetalk_cli.render import JobResult, RenderJob, render_batch
     from livetalk_cli.runtime.stream import StreamOptions
     from livetalk_cli.sampling.accel import check_cuda_graphs
 
-    with user_errors():
+    with user_errors(), render_progress() as progress:
         if manifest is not None:
             if audio or out is not None or out_dir is not None:
                 raise UserError("--manifest takes no AUDIO arguments, --out or --out-dir")
             jobs = read_manifest(manifest, image=image, prompt=prompt)
         else:
             jobs = jobs_from_args(audio or [], image, prompt, out, out_dir)
+        dev = resolve_device(device)
+        dt = str(resolve_dtype(dtype.value, dev)).removeprefix("torch.")
         if cuda_graphs:
-            check_cuda_graphs(resolve_device(device))
-        model = load_model(
-            checkpoint=checkpoint, preset_name=preset and preset.value, random_weights=random_weights,
-            device=device, dtype=dtype.value, seed=seed,
+            check_cuda_graphs(dev)
+        model_id = model_identity(checkpoint=checkpoint, preset_name=preset and preset.value,
+                                  random_weights=random_weights, seed=seed)
+        step = progress.add_task("checking inputs", total=len(jobs), unit="jobs")
+        planned = plan_jobs(
+            jobs, record=lambda job: job_record(job, model=model_id, seed=seed, fit=fit.value, dtype=dt),
+            overwrite=overwrite, on_checked=lambda done, total: progress.update(step, completed=done),
         )
-        logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)
-
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err, transient=True,
-        ) as progress:
-            overall = progress.add_task("jobs", total=len(jobs))
-            current: dict[str, int] = {}
-
-            def start(job: RenderJob) -> None:
-                current["task"] = progress.add_task(f"  {job.out.name}", total=None)
-
-            def frames(done: int, total: int) -> None:
-                progress.update(current["task"], completed=done, total=total)
-
-            def end(result: JobResult) -> None:
-                progress.advance(overall)
-                if result.status == "failed":
-                    err.print(f"[red]failed:[/] {result.job.audio}: {result.error}", highlight=False)
-                elif result.status == "skipped":
-                    err.print(f"skipped (exists): {result.job.out}", highlight=False)
-                else:
-                    err.print(
-                        f"wrote {result.job.out}: {result.frames} frames, {result.audio_s:.2f} s of audio "
-                        f"in {result.wall_s:.2f} s ({result.realtime_factor:.2f}x real time)",
-                        highlight=False,
-                    )
-
-            options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs, threads=threads)
-            results = render_batch(
-                model, jobs, seed=seed, fit=fit.value, overwrite=overwrite, options=options,
-                on_job_start=start, on_frames=frames, on_job_end=end,
+        progress.remove_task(step)
+        if all(p.skip for p in planned):
+            model = None
+        else:
+            step = progress.add_task("loading model", total=None, unit="")
+            model = load_model(
+                checkpoint=checkpoint, preset_name=preset and preset.value, random_weights=random_weights,
+                device=device, dtype=dtype.value, seed=seed,
             )
-        failed = [r for r in results if r.status == "failed"]
-        if failed:
-            if len(results) > 1:
-                err.print(f"[bold red]{len(failed)} of {len(results)} job(s) failed[/]")
-            raise typer.Exit(1)
+            progress.remove_task(step)
+            logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)
+
+        overall = progress.add_task("jobs", total=len(jobs), unit="jobs") if len(jobs) > 1 else None
+        current: dict[str, int] = {}
+
+        def start(job: RenderJob) -> None:
+            current["task"] = progress.add_task(f"  {job.out.name}", total=None, unit="frames")
+
+        def frames(done: int, total: int) -> None:
+            progress.update(current["task"], completed=done, total=total)
+
+        def end(result: JobResult) -> None:
+            if overall is not None:
+                progress.advance(overall)
+            if "task" in current:
+                progress.remove_task(current.pop("task"))
+            if result.status == "failed":
+                err.print(f"[red]failed:[/] {result.job.out}: {result.error}", highlight=False)
+            elif result.status == "skipped":
+                err.print(f"skipped (exists, same input): {result.job.out}", highlight=False)
+            else:
+                err.print(
+                    f"wrote {result.job.out}: {result.frames} frames, {result.audio_s:.2f} s of audio "
+                    f"in {result.wall_s:.2f} s ({result.realtime_factor:.2f}x real time)",
+                    highlight=False,
+                )
+
+        options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs, threads=threads)
+        results = render_batch(
+            model, planned, seed=seed, fit=fit.value, options=options,
+            on_job_start=start, on_frames=frames, on_job_end=end,
+        )
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        if len(results) > 1:
+            err.print(f"[bold red]{len(failed)} of {len(results)} job(s) failed[/]")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -182,7 +248,11 @@ def distill(
     stage: Annotated[
         str | None, typer.Option(help="Run only this stage: vae, decoder, teacher, trajectories, ode_init or dmd.")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Override every training stage's step count.")] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(help="Run every training stage for N steps and prepare only the data those steps use "
+                          "(a smoke run of the whole recipe)."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (overrides the recipe's `out`).")] = None,
     report: Annotated[
         Path | None,
@@ -208,7 +278,7 @@ def distill(
         r = load_recipe(recipe, out=out, max_steps=max_steps)
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[losses]}"), console=err, transient=True,
+            TextColumn("{task.fields[losses]}"), console=err, transient=True, disable=not err.is_terminal,
         ) as progress:
             tasks: dict[str, int] = {}
 
@@ -268,6 +338,9 @@ def bench(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here.")] = None,
+    background_load: Annotated[
+        int, typer.Option(help="Also measure FPS and the first frame beside N busy processes (one core each).")
+    ] = 0,
     speed_only: Annotated[bool, typer.Option("--speed-only", hidden=True)] = False,
 ) -> None:
     """Measure steady-state FPS, first-frame latency, per-stage times, memory and the FLOP floor.
@@ -299,7 +372,7 @@ def bench(
         settings = BenchSettings(
             height=height, width=width, steps=steps, block_frames=block_frames, sinks=sinks, window=window,
             blocks=blocks, warmup=warmup, repeats=repeats, stream_minutes=stream_minutes,
-            stage_blocks=stage_blocks, compare=compare, speed_only=speed_only,
+            stage_blocks=stage_blocks, compare=compare, speed_only=speed_only, background_load=background_load,
         )
         settings.validate()
         if json_out is not None and not json_out.parent.is_dir():
@@ -315,7 +388,7 @@ def bench(
         model = load_model(checkpoint=checkpoint, preset_name=preset and preset.value,
                            random_weights=random_weights, device=device, dtype=dtype.value, seed=seed)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as progress:
+                      console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("bench", total=None)
             same_model = [*(["--checkpoint", str(checkpoint)] if checkpoint else []),
                           *(["--preset", preset.value] if preset else []),
@@ -350,6 +423,10 @@ def eval_cmd(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write per-video results and their mean as JSON here.")
     ] = None,
+    csv_out: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Write one CSV row per video here; '-' writes it to stdout instead of the table."),
+    ] = None,
 ) -> None:
     """Score talking-head VIDEOS against the audio they carry and a reference image.
 
@@ -358,34 +435,58 @@ def eval_cmd(
     offset: the frame offset of the best correlation, -8..8; positive = video lags audio.
     identity: mean of a joint-RGB histogram distance and a 12x12 layout error vs the reference, 0..1.
     flicker: mean absolute difference between consecutive frames, on 0..255.
-    black: frames with mean intensity < 10; frozen: consecutive frames differing by < 0.25 on average.
-    drift: slope of the per-second identity error, in error units per minute.
+    black%, frozen%: frames with mean intensity < 10; consecutive frames differing by < 0.25 on average.
+    drift/min: slope of the per-second identity error, in error units per minute; only for videos of
+      at least 20 s (shorter: "-" in the table, null in the JSON; the mean is over those that have one).
+    The table fits the terminal (80 columns when piped, as plain text); --json and --csv keep every digit.
     """
-    from rich import box
-    from rich.table import Table
-
+    from livetalk_cli.files import write_text_atomic
+    from livetalk_cli.tables import eval_csv, print_eval
     from livetalk_cli.world.evaluate import evaluate_files, mean_result
 
+    to_stdout = csv_out is not None and str(csv_out) == "-"
     with user_errors():
+        if csv_out is not None and not to_stdout and not csv_out.parent.is_dir():
+            raise UserError(f"output directory does not exist: {csv_out.parent}")
         results = evaluate_files(videos, reference, json_out)
-    table = Table(box=box.SIMPLE_HEAD)
-    for name in ("video", "lip-sync", "offset", "identity", "flicker", "black%", "frozen%", "drift/min"):
-        table.add_column(name, justify="left" if name == "video" else "right", no_wrap=True, min_width=len(name))
+        if csv_out is not None and not to_stdout:
+            write_text_atomic(csv_out, eval_csv(results))
+    if to_stdout:
+        typer.echo(eval_csv(results), nl=False)
+    else:
+        print_eval(results, mean_result(results) if len(results) > 1 else None, Console())
+    for path in (json_out, None if to_stdout else csv_out):
+        if path is not None:
+            err.print(f"wrote {path}", highlight=False)
 
-    def row(name: str, r: dict[str, float], offset: str) -> list[str]:
-        return [
-            name, f"{r['lip_sync_corr']:.3f}", offset, f"{r['identity_error']:.4f}", f"{r['flicker']:.2f}",
-            f"{100 * r['black_frames']:.1f}", f"{100 * r['frozen_frames']:.1f}", f"{r['drift_per_min']:+.4f}",
-        ]
 
-    for r in results:
-        table.add_row(*row(Path(r["video"]).name, r, f"{r['lip_sync_offset']:+d}"))
-    if len(results) > 1:
-        mean = mean_result(results)
-        table.add_row(*row("mean", mean, f"{mean['lip_sync_offset']:+.1f}"), style="bold")
-    Console().print(table)
-    if json_out is not None:
-        err.print(f"wrote {json_out}", highlight=False)
+@app.command()
+def presets() -> None:
+    """List the model presets (--preset): resolution, fps, size and streaming settings."""
+    import torch
+
+    from livetalk_cli.config import preset as get_preset
+    from livetalk_cli.models.dit import WanDiT
+
+    lines = [f"{'preset':<16} {'size':>8} {'fps':>3} {'DiT':>8} {'params':>6}  {'text':<7} {'audio':<8} stream"]
+    for name in PRESETS:
+        cfg = get_preset(name)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in WanDiT(cfg.dit).parameters())
+        st = cfg.stream
+        stream = (f"{st.block_frames}/{st.num_steps} {st.sink_frames}+{st.window_frames} "
+                  f"{'rel' if st.relative_rope else 'abs'}")
+        dit = f"{cfg.dit.num_layers}x{cfg.dit.dim}"
+        audio = cfg.audio.encoder if cfg.dit.audio_dim else "-"
+        lines.append(f"{name:<16} {cfg.width:>4}x{cfg.height:<3} {cfg.fps:>3} {dit:>8} {_count(params):>6}  "
+                     f"{cfg.text_encoder:<7} {audio:<8} {stream}")
+    typer.echo("\n".join(lines))
+    typer.echo("DiT: layers x width. stream: latent frames per block / steps,\n"
+               "sink + window latent frames, RoPE positions absolute or relative.")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def main() -> None:

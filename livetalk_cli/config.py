@@ -135,12 +135,16 @@ class StreamConfig:
     # ~100-frame receptive field); Wan's own VAE does not need it.
     vae_anchor_every: int = 0
     vae_anchor_history: int = 2
+    # Latents over which an anchor cross-fades from the decoder's un-anchored continuation (0 = a
+    # cut). The demo drifts ~35/255 between anchors: a cut is a colour flash, a one-block fade is
+    # under the stream's own frame differences; each faded latent is decoded twice.
+    vae_anchor_fade: int = 3
 
     def validate(self) -> None:
         if self.block_frames < 1 or self.num_steps < 1:
             raise UserError("stream: block_frames and num_steps must be >= 1")
-        if self.vae_anchor_every < 0 or self.vae_anchor_history < 0:
-            raise UserError("stream: vae_anchor_every and vae_anchor_history must be >= 0")
+        if self.vae_anchor_every < 0 or self.vae_anchor_history < 0 or self.vae_anchor_fade < 0:
+            raise UserError("stream: vae_anchor_every, vae_anchor_history and vae_anchor_fade must be >= 0")
         if self.sink_frames < 0 or self.window_frames < 0:
             raise UserError("stream: sink_frames and window_frames must be >= 0")
         if self.sink_frames % self.block_frames or self.window_frames % self.block_frames:

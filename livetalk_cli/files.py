@@ -7,10 +7,13 @@ only once complete; on any error the temporary is removed and the destination is
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +23,62 @@ from livetalk_cli.errors import UserError
 
 
 def temp_beside(path: Path) -> Path:
-    """A unique hidden name in `path`'s folder (same file system, so the rename is atomic)."""
+    """A unique hidden name in `path`'s folder (same file system, so the rename is atomic):
+    `.<name>.<pid>-<hex>.tmp`. Temporaries of the same destination left by processes that no
+    longer run (a killed render) are removed first."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    remove_stale_temps(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+_TEMP_TAIL = re.compile(r"(?:(?P<pid>\d+)-)?[0-9a-f]{8}")  # "<pid>-<hex>", or "<hex>" (no pid: older)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove `path`'s temporaries whose writing process is gone; returns what was removed.
+    A temporary of a process still running (another render of the same output) is left alone."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = _TEMP_TAIL.fullmatch(tmp.name[len(path.name) + 2: -len(".tmp")])
+        if match is None or (match["pid"] and _pid_alive(int(match["pid"]))):
+            continue  # another destination's temporary, or one still being written
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def check_writable(path: Path) -> None:
+    """Raise UserError unless the file `path` could be created: its folder exists (or can be made)
+    and accepts a new file. Tries it (a probe file, removed at once): permission bits do not tell
+    for root or read-only mounts. Creates no folders."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".livetalk-probe-", dir=folder)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: folder {folder} is not writable ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextmanager

@@ -1,9 +1,13 @@
 """Audio, image and video I/O: PyAV for audio/video, Pillow for images.
 
-- `load_audio`: any audio PyAV decodes (or a video's audio track) -> mono float32 at 16 kHz.
+- `load_audio`: any audio PyAV decodes (or a video's audio track) -> mono float32 at 16 kHz
+  (what the model hears).
+- `load_audio_for_mux`: the same file at its own sample rate and channel layout (`MuxAudio`),
+  to be carried into the output MP4.
 - `load_image`: any image Pillow opens -> (3, H, W) float32 in [-1, 1], cropped or padded.
 - `VideoWriter`: streams RGB frames into an MP4 (H.264 yuv420p + AAC, faststart), written to a
-  temporary file beside the destination and renamed onto it only when closed successfully.
+  temporary file beside the destination and renamed onto it only when closed successfully. The
+  audio keeps its rate and layout, converted only as far as AAC needs (8-96 kHz, mono/stereo).
 - `probe` / `read_video`: inspect and decode what was written (tests, evaluation).
 
 Every failure the user can fix raises `MediaError` with one line naming the file; wrong
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +37,10 @@ from livetalk_cli.files import temp_beside
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-AAC_BIT_RATE = 64000  # mono speech; the encoder clamps it at low sample rates
+# AAC-LC bit rates for mono / stereo, lowered at low sample rates to what an AAC frame holds
+# (see `aac_bit_rate`).
+AAC_BIT_RATES = {1: 96_000, 2: 128_000}
+MAX_CHANNELS = 8  # a (samples, channels) array with more is taken for a transposed one
 # Codec padding left after decoding (AAC pads its last frame to 1024 samples); a decoded stream
 # longer than its declared duration by at most this many seconds is trimmed to the declared one.
 _MAX_TRIM_S = 0.15
@@ -59,6 +67,56 @@ def _one_line(err: BaseException) -> str:
 # ----------------------------------------------------------------------------------------- audio
 
 
+@dataclass(frozen=True)
+class MuxAudio:
+    """Decoded audio as the source has it: float32 `samples` (num_samples, channels) in [-1, 1]
+    at `sample_rate`, channels in the order of the FFmpeg `layout` ("mono", "stereo", "5.1", ...)."""
+
+    samples: np.ndarray
+    sample_rate: int
+    layout: str
+
+    @property
+    def duration(self) -> float:
+        return self.samples.shape[0] / self.sample_rate
+
+
+def _decode_audio(p: Path, sample_rate: int | None) -> tuple[np.ndarray, int, str]:
+    """First audio stream of `p` -> planar float32 (channels, n) at `sample_rate` (None: the
+    source's), its rate and layout name; codec padding beyond the declared duration trimmed."""
+    chunks: list[np.ndarray] = []
+    rate, layout = 0, ""
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.audio:
+                raise MediaError(f"no audio stream in {p}")
+            stream = container.streams.audio[0]
+            declared_s = float(stream.duration * stream.time_base) if stream.duration else None
+            # Keep the source layout (the callers mix channels themselves): swresample's
+            # stereo->mono matrix sums at -3 dB per channel and can leave [-1, 1].
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+            for frame in container.decode(stream):
+                frame.pts = None  # resample by sample count; timestamp gaps are not our business
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+                    rate, layout = out.sample_rate, out.layout.name
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+                rate, layout = out.sample_rate, out.layout.name
+    except MediaError:
+        raise
+    except (*_AV_ERRORS, ValueError) as err:  # ValueError: e.g. a stream changing layout midway
+        raise MediaError(f"cannot decode audio file {p}: {_one_line(err)}") from err
+    audio = np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), np.float32)
+    if audio.shape[1] == 0:
+        raise MediaError(f"audio file has no samples: {p}")
+    if declared_s is not None:
+        expected = round(declared_s * rate)
+        if 0 < expected < audio.shape[1] <= expected + _MAX_TRIM_S * rate:
+            audio = audio[:, :expected]
+    return audio.astype(np.float32, copy=False), rate, layout
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of `path` to mono float32 at `sample_rate`, values in [-1, 1].
 
@@ -72,35 +130,23 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    p = _check_input_file(path, "audio")
-    chunks: list[np.ndarray] = []
-    try:
-        with av.open(str(p)) as container:
-            if not container.streams.audio:
-                raise MediaError(f"no audio stream in {p}")
-            stream = container.streams.audio[0]
-            declared_s = float(stream.duration * stream.time_base) if stream.duration else None
-            # Keep the source layout and average channels ourselves: swresample's stereo->mono
-            # matrix sums at -3 dB per channel and can leave [-1, 1].
-            resampler = av.AudioResampler(format="fltp", rate=sample_rate)
-            for frame in container.decode(stream):
-                frame.pts = None  # resample by sample count; timestamp gaps are not our business
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))  # (C, n) -> (n,)
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().mean(axis=0, dtype=np.float32))
-    except MediaError:
-        raise
-    except (*_AV_ERRORS, ValueError) as err:  # ValueError: e.g. a stream changing layout midway
-        raise MediaError(f"cannot decode audio file {p}: {_one_line(err)}") from err
-    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    if audio.size == 0:
-        raise MediaError(f"audio file has no samples: {p}")
-    if declared_s is not None:
-        expected = round(declared_s * sample_rate)
-        if 0 < expected < audio.size <= expected + _MAX_TRIM_S * sample_rate:
-            audio = audio[:expected]
-    return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)
+    audio, _, _ = _decode_audio(_check_input_file(path, "audio"), sample_rate)
+    return np.clip(audio.mean(axis=0), -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def load_audio_for_mux(path: str | Path) -> MuxAudio:
+    """Decode the first audio stream of `path` at its own sample rate and channel layout, for
+    `VideoWriter` to carry into the output (`audio=a.samples, sample_rate=a.sample_rate,
+    layout=a.layout`). Padding is trimmed as in `load_audio`: both give the same duration, to a
+    sample.
+
+    Raises:
+        MediaError: as `load_audio`.
+    """
+    audio, rate, layout = _decode_audio(_check_input_file(path, "audio"), None)
+    if layout == f"{audio.shape[0]} channels":  # no channel order declared (e.g. a plain WAV)
+        layout = av.AudioLayout(f"{audio.shape[0]}c").name  # FFmpeg's default: mono, stereo, 5.1, ...
+    return MuxAudio(np.ascontiguousarray(np.clip(audio, -1.0, 1.0).T), rate, layout)
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
@@ -114,16 +160,26 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RAT
         w.writeframes((np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes())
 
 
-def _resample_mono(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Resample a whole mono float32 waveform with libswresample; keeps the duration exact."""
-    frame = av.AudioFrame.from_ndarray(audio[None], format="fltp", layout="mono")
+def _convert_audio(
+    audio_CN: np.ndarray, src_layout: str, src_rate: int, dst_layout: str, dst_rate: int
+) -> np.ndarray:
+    """Resample and/or remix (FFmpeg's downmix matrix) a whole planar float32 waveform with
+    libswresample; the result has exactly round(n * dst_rate / src_rate) samples, clipped."""
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio_CN), format="fltp", layout=src_layout)
     frame.sample_rate = src_rate
-    resampler = av.AudioResampler(format="fltp", layout="mono", rate=dst_rate)
+    resampler = av.AudioResampler(format="fltp", layout=dst_layout, rate=dst_rate)
     outs = resampler.resample(frame) + resampler.resample(None)
-    out = np.concatenate([f.to_ndarray()[0] for f in outs]) if outs else np.zeros(0, np.float32)
-    n = round(audio.size * dst_rate / src_rate)
-    out = np.pad(out[:n], (0, max(0, n - out.size)))
-    return out.astype(np.float32, copy=False)
+    channels = len(av.AudioLayout(dst_layout).channels)
+    out = np.concatenate([f.to_ndarray() for f in outs], axis=1) if outs else np.zeros((channels, 0), np.float32)
+    n = round(audio_CN.shape[1] * dst_rate / src_rate)
+    out = np.pad(out[:, :n], ((0, 0), (0, max(0, n - out.shape[1]))))
+    return np.clip(out, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def aac_bit_rate(sample_rate: int, channels: int) -> int:
+    """AAC_BIT_RATES[channels], capped at 6144 bits per channel per 1024-sample frame (the most
+    an AAC frame holds; FFmpeg would clamp there with a warning)."""
+    return min(AAC_BIT_RATES[channels], 6144 * sample_rate // 1024 * channels)
 
 
 # ----------------------------------------------------------------------------------------- image
@@ -200,14 +256,21 @@ class VideoWriter:
     `path` only by a successful `close()`; `abort()`, an exception inside the `with` block, or
     a failed close removes it and leaves nothing at `path`.
 
-    Audio (mono float32 at `sample_rate`, whole waveform in memory) is encoded alongside the
-    video as frames arrive, so packets are interleaved. The AAC encoder's priming is hidden by
-    the MP4 edit list: the audio stream's duration equals len(audio) / sample_rate. The caller
+    Audio (float32 at `sample_rate`, whole waveform in memory: (samples,) mono or (samples,
+    channels) with channels in the order of the FFmpeg `layout`, default FFmpeg's for that many
+    channels) is encoded alongside the video as frames arrive, so packets are interleaved. It
+    keeps its sample rate if AAC has it (8-96 kHz; else the next higher AAC rate, or 96 kHz) and
+    its channels if mono or stereo (more are downmixed to stereo by FFmpeg's matrix), at
+    `aac_bit_rate` (96 kb/s mono, 128 kb/s stereo). The AAC encoder's priming is hidden by the
+    MP4 edit list: the audio stream's duration equals len(audio) / sample_rate. The caller
     writes ceil(duration * fps) frames to cover it.
 
     Usage:
-        with VideoWriter("out.mp4", 512, 512, fps=25, audio=wav) as w:
+        with VideoWriter("out.mp4", 512, 512, fps=25, audio=wav) as w:  # 16 kHz mono
             w.write(frames_NHW3)
+        src = load_audio_for_mux("in.wav")  # keep the source's rate and channels
+        VideoWriter("out.mp4", 512, 512, 25, audio=src.samples, sample_rate=src.sample_rate,
+                    layout=src.layout)
     """
 
     def __init__(
@@ -220,6 +283,8 @@ class VideoWriter:
         sample_rate: int = SAMPLE_RATE,
         crf: int = 18,
         preset: str = "veryfast",
+        metadata: dict[str, str] | None = None,
+        layout: str | None = None,
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even for yuv420p, got {width}x{height}")
@@ -233,11 +298,12 @@ class VideoWriter:
         if not self.path.parent.is_dir():
             raise MediaError(f"output directory does not exist: {self.path.parent}")
         self._tmp = temp_beside(self.path)  # renamed onto the path by close()
-        self._audio: np.ndarray | None = None  # (n,) float32 at self._audio_rate
+        self._audio: np.ndarray | None = None  # planar (channels, n) float32 at self._audio_rate
         self._audio_rate = sample_rate
+        self._audio_layout = "mono"  # what the AAC stream carries: mono or stereo
         self._audio_pos = 0  # samples already sent to the encoder
         if audio is not None:
-            self._audio = self._prepare_audio(audio, sample_rate)
+            self._audio = self._prepare_audio(audio, sample_rate, layout)
 
         self._container: Any = None
         self._astream: Any = None
@@ -245,6 +311,7 @@ class VideoWriter:
             self._container = av.open(
                 str(self._tmp), "w", format="mp4", container_options={"movflags": "+faststart"}
             )
+            self._container.metadata.update(metadata or {})  # container tags, e.g. "comment"
             self._video = self._container.add_stream("libx264", rate=self.fps)
             self._video.width, self._video.height = width, height
             self._video.pix_fmt = "yuv420p"
@@ -254,9 +321,9 @@ class VideoWriter:
             ctx.color_primaries, ctx.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
             if self._audio is not None:
                 self._astream = self._container.add_stream("aac", rate=self._audio_rate)
-                self._astream.layout = "mono"
+                self._astream.layout = self._audio_layout
                 self._astream.format = "fltp"
-                self._astream.bit_rate = AAC_BIT_RATE
+                self._astream.bit_rate = aac_bit_rate(self._audio_rate, self._audio.shape[0])
                 # FFmpeg's "fast" AAC coder: 7x less CPU than its default two-loop search (measured:
                 # 0.17 s -> 0.024 s for 5 s of 16 kHz speech), which was 7 % of a CPU render.
                 self._astream.options = {"aac_coder": "fast"}
@@ -270,20 +337,37 @@ class VideoWriter:
             raise
         self._open = True
 
-    def _prepare_audio(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    def _prepare_audio(self, audio: np.ndarray, sample_rate: int, layout: str | None) -> np.ndarray:
+        """(n,) or (n, C) audio -> planar (1 or 2, n') float32 at an AAC rate (self._audio_rate)."""
         audio = np.asarray(audio)
-        if audio.ndim != 1 or audio.size == 0:
-            raise ValueError(f"audio must be a non-empty 1-D mono waveform, got shape {audio.shape}")
+        if audio.ndim == 1:
+            audio = audio[:, None]
+        if audio.ndim != 2 or audio.shape[0] == 0 or not 1 <= audio.shape[1] <= MAX_CHANNELS:
+            raise ValueError(
+                f"audio must be a non-empty (samples,) or (samples, channels) waveform with 1-{MAX_CHANNELS} "
+                f"channels, got shape {audio.shape}"
+            )
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        audio = np.clip(audio.astype(np.float32), -1.0, 1.0)
+        channels = audio.shape[1]
+        src_layout = layout or f"{channels}c"  # "6c": FFmpeg's default layout for 6 channels (5.1)
+        try:
+            known = len(av.AudioLayout(src_layout).channels)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"unknown channel layout {layout!r}") from err
+        if known != channels:
+            raise ValueError(f"layout {layout!r} has {known} channel(s), the audio {channels}")
+        self._audio_layout = "mono" if channels == 1 else "stereo"
+        planar = np.clip(audio.T.astype(np.float32), -1.0, 1.0)
         rates = av.Codec("aac", "w").audio_rates or ()
         if rates and sample_rate not in rates:
             higher = [r for r in rates if r >= sample_rate]
             self._audio_rate = min(higher) if higher else max(rates)
-            logger.debug("resampling audio %d -> %d Hz for AAC", sample_rate, self._audio_rate)
-            audio = _resample_mono(audio, sample_rate, self._audio_rate)
-        return np.ascontiguousarray(audio)
+        if self._audio_rate != sample_rate or channels > 2:
+            logger.debug("audio %d Hz %s -> %d Hz %s for AAC", sample_rate, src_layout, self._audio_rate,
+                         self._audio_layout)
+            planar = _convert_audio(planar, src_layout, sample_rate, self._audio_layout, self._audio_rate)
+        return np.ascontiguousarray(planar)
 
     def __enter__(self) -> Self:
         return self
@@ -335,13 +419,14 @@ class VideoWriter:
         if self._audio is None:
             return
         frame_size = self._astream.codec_context.frame_size or 1024
-        until = min(until, self._audio.size)
+        total = self._audio.shape[1]
+        until = min(until, total)
         while self._audio_pos < until:
-            n = min(frame_size, self._audio.size - self._audio_pos)
+            n = min(frame_size, total - self._audio_pos)
             if n < frame_size and not final:
                 break  # only the last AAC frame may be short
-            chunk = self._audio[self._audio_pos : self._audio_pos + n]
-            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+            chunk = np.ascontiguousarray(self._audio[:, self._audio_pos : self._audio_pos + n])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self._audio_layout)
             frame.sample_rate = self._audio_rate
             frame.pts = self._audio_pos
             frame.time_base = Fraction(1, self._audio_rate)
@@ -357,7 +442,7 @@ class VideoWriter:
                 raise MediaError(f"no video frames were written to {self.path}")
             self._container.mux(self._video.encode(None))
             if self._audio is not None:
-                self._encode_audio(until=self._audio.size, final=True)
+                self._encode_audio(until=self._audio.shape[1], final=True)
                 self._container.mux(self._astream.encode(None))
             self._container.close()
             self._container = None
@@ -371,7 +456,7 @@ class VideoWriter:
         self._open = False
         video_s = self.frames_written / self.fps
         if self._audio is not None:
-            audio_s = self._audio.size / self._audio_rate
+            audio_s = self._audio.shape[1] / self._audio_rate
             if video_s + 1.0 / self.fps < audio_s:
                 logger.warning(
                     "%s: video (%.3f s) is shorter than its audio (%.3f s)", self.path, video_s, audio_s
@@ -421,7 +506,8 @@ def probe(path: str | Path) -> dict[str, Any]:
     """Describe a video file; frames are counted by demuxing, durations are in seconds.
 
     Returns {'video': {'codec', 'pix_fmt', 'frames', 'fps', 'duration', 'width', 'height'} | None,
-    'audio': {'codec', 'sample_rate', 'duration'} | None, 'format_duration', 'faststart'}.
+    'audio': {'codec', 'sample_rate', 'channels', 'layout', 'bit_rate', 'duration'} | None,
+    'format_duration', 'faststart'}.
     """
     p = _check_input_file(path, "video")
     try:
@@ -459,6 +545,9 @@ def probe(path: str | Path) -> dict[str, Any]:
                 audio = {
                     "codec": as_.codec_context.name,
                     "sample_rate": as_.codec_context.sample_rate,
+                    "channels": as_.codec_context.channels,
+                    "layout": as_.codec_context.layout.name,
+                    "bit_rate": int(as_.codec_context.bit_rate or as_.bit_rate or 0),
                     "duration": float(duration * as_.time_base),
                 }
             format_duration = container.duration / av.time_base if container.duration else 0.0
@@ -489,4 +578,7 @@ def read_video(path: str | Path) -> np.ndarray:
     return np.stack(frames) if frames else np.zeros(shape, np.uint8)
 
 
-__all__ = ["SAMPLE_RATE", "VideoWriter", "load_audio", "load_image", "probe", "read_video"]
+__all__ = [
+    "SAMPLE_RATE", "MuxAudio", "VideoWriter", "aac_bit_rate", "load_audio", "load_audio_for_mux", "load_image",
+    "probe", "read_video",
+]

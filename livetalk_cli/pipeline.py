@@ -52,7 +52,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    if name != "float32" and device.type == "cpu":
+        log.warning("--dtype %s on CPU is emulated by most CPUs and runs several times slower than float32 "
+                    "(the VAE stays float32 on CPU); --dtype auto picks float32 here", name)
     return DTYPES[name]
+
+
+def model_identity(*, checkpoint: Path | None, preset_name: str | None, random_weights: bool, seed: int) -> str:
+    """A short name for the weights `load_model` would load with these arguments, without loading
+    them: for a checkpoint folder, a hash of its config.json and of each file's name, size and first
+    MiB (hashing whole multi-GB weight files would cost more than it tells)."""
+    import hashlib
+
+    if random_weights:
+        return f"random-weights:{preset_name or 'tiny'}:seed={seed}"
+    root = Path(checkpoint) if checkpoint is not None else EMBEDDED_DEFAULT
+    if not root.is_dir():
+        raise UserError(f"checkpoint folder not found: {root}")
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root)}:{f.stat().st_size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    name = "embedded-default" if checkpoint is None else root.name
+    return f"{name}:{h.hexdigest()[:16]}"
 
 
 def load_model(

@@ -16,7 +16,9 @@ from livetalk_cli.errors import MediaError
 from livetalk_cli.media import (
     SAMPLE_RATE,
     VideoWriter,
+    aac_bit_rate,
     load_audio,
+    load_audio_for_mux,
     load_image,
     probe,
     read_video,
@@ -277,3 +279,86 @@ def test_video_writer_abort_and_bad_arguments(tmp_path: Path) -> None:
     assert probe(path)["audio"] is None and probe(path)["video"]["frames"] == 1
     with pytest.raises(MediaError, match="directory"):
         VideoWriter(tmp_path / "missing_dir" / "o.mp4", 32, 32, fps=8, audio=None)
+
+
+# ------------------------------------------------------------------------- audio kept in the MP4
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _two_channel(duration: float, rate: int) -> np.ndarray:
+    """(samples, 2): a 440 Hz tone on the left, a 1 kHz tone (half as loud) on the right."""
+    return np.stack([0.5 * _sine(duration, rate, 440.0), 0.25 * _sine(duration, rate, 1000.0)], axis=1)
+
+
+def _mux_through_writer(path: Path, audio: np.ndarray, rate: int, fps: int = 16, layout: str | None = None) -> int:
+    n = math.ceil(audio.shape[0] / rate * fps)
+    with VideoWriter(path, 32, 32, fps=fps, audio=audio, sample_rate=rate, layout=layout) as w:
+        w.write(_smooth_frames(n, 32, 32))
+    return n
+
+
+def test_48k_stereo_input_keeps_its_rate_channels_and_duration(tmp_path: Path) -> None:
+    duration, rate = 1.3, 48000
+    x_NC = _two_channel(duration, rate)
+    _write_audio(tmp_path / "in.wav", "pcm_s16le", "s16", rate, np.ascontiguousarray(x_NC.T), rate)
+
+    src = load_audio_for_mux(tmp_path / "in.wav")
+    assert (src.sample_rate, src.layout, src.samples.shape) == (48000, "stereo", x_NC.shape)
+    np.testing.assert_allclose(src.samples, x_NC, atol=2.0 / 32767)
+    model_in = load_audio(tmp_path / "in.wav", SAMPLE_RATE)  # what the model hears: 16 kHz mono
+    assert model_in.ndim == 1 and model_in.size == round(duration * SAMPLE_RATE)
+    assert src.duration == pytest.approx(model_in.size / SAMPLE_RATE, abs=1 / SAMPLE_RATE)
+
+    frames = _mux_through_writer(tmp_path / "out.mp4", src.samples, src.sample_rate, layout=src.layout)
+    info = probe(tmp_path / "out.mp4")
+    a = info["audio"]
+    assert (a["codec"], a["sample_rate"], a["channels"], a["layout"]) == ("aac", 48000, 2, "stereo")
+    assert abs(a["duration"] - duration) < 1e-3
+    assert abs(info["video"]["duration"] - a["duration"]) < 1 / 16 and info["video"]["frames"] == frames
+    assert aac_bit_rate(48000, 2) == 128_000 and 90_000 <= a["bit_rate"] <= 140_000  # was 64 kb/s for all
+
+    out = load_audio_for_mux(tmp_path / "out.mp4")
+    assert (out.sample_rate, out.layout, out.samples.shape) == (48000, "stereo", x_NC.shape)
+    mid = slice(2000, -2000)  # away from the codec's edges
+    y, x = out.samples[mid], x_NC[mid]
+    assert _corr(y[:, 0], x[:, 0]) > 0.99 and _corr(y[:, 1], x[:, 1]) > 0.99
+    assert abs(_corr(y[:, 0], x[:, 1])) < 0.1 and abs(_corr(y[:, 1], x[:, 0])) < 0.1  # not mixed
+    assert _rms(y[:, 0]) == pytest.approx(2 * _rms(y[:, 1]), rel=0.05)
+
+
+def test_16k_mono_input_stays_mono(tmp_path: Path) -> None:
+    x = 0.4 * _sine(0.9, SAMPLE_RATE, 300.0)
+    _write_wav(tmp_path / "in.wav", x)
+    src = load_audio_for_mux(tmp_path / "in.wav")
+    assert (src.sample_rate, src.layout, src.samples.shape) == (SAMPLE_RATE, "mono", (x.size, 1))
+    _mux_through_writer(tmp_path / "out.mp4", src.samples, src.sample_rate, layout=src.layout)
+    a = probe(tmp_path / "out.mp4")["audio"]
+    assert (a["sample_rate"], a["channels"], a["layout"]) == (SAMPLE_RATE, 1, "mono")
+    assert abs(a["duration"] - 0.9) < 1e-3
+    assert aac_bit_rate(SAMPLE_RATE, 1) == 96_000  # the encoder's target; tones need fewer bits
+    y = load_audio(tmp_path / "out.mp4")
+    assert y.size == x.size and _corr(y[800:-800], x[800:-800]) > 0.99
+
+
+def test_surround_is_downmixed_to_stereo_and_odd_rates_resampled(tmp_path: Path) -> None:
+    rate, duration = 11000, 0.8  # 11 kHz is no AAC rate: the next one up is 11025 Hz
+    x = np.zeros((round(duration * rate), 6), np.float32)  # 5.1: FL FR FC LFE BL BR
+    x[:, :2] = _two_channel(duration, rate)
+    _mux_through_writer(tmp_path / "out.mp4", x, rate, layout="5.1")
+    a = probe(tmp_path / "out.mp4")["audio"]
+    assert (a["sample_rate"], a["channels"]) == (11025, 2) and abs(a["duration"] - duration) < 1e-3
+    y = load_audio_for_mux(tmp_path / "out.mp4").samples
+    left, right = _two_channel(duration, 11025)[1000:-1000].T
+    assert _corr(y[1000:-1000, 0], left) > 0.98 and _corr(y[1000:-1000, 1], right) > 0.98
+    assert aac_bit_rate(8000, 1) == 48_000 and aac_bit_rate(48000, 2) == 128_000  # AAC's ceiling at 8 kHz
+
+
+def test_video_writer_rejects_bad_audio_shapes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="channels"):  # (channels, samples) passed by mistake
+        VideoWriter(tmp_path / "o.mp4", 32, 32, fps=8, audio=np.zeros((2, 4000), np.float32))
+    with pytest.raises(ValueError, match="layout"):
+        VideoWriter(tmp_path / "o.mp4", 32, 32, fps=8, audio=np.zeros((4000, 2), np.float32), layout="5.1")
+    assert list(tmp_path.iterdir()) == []

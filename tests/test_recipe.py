@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from livetalk_cli.cli import app
 from livetalk_cli.distill.context import stage_modules
 from livetalk_cli.distill.ode_init import plateau_update
-from livetalk_cli.distill.recipe import STAGES, OptimConfig, load_recipe, parse_recipe
+from livetalk_cli.distill.recipe import STAGES, TRAINING_STAGES, OptimConfig, load_recipe, parse_recipe, recipe_dict
 from livetalk_cli.distill.trainer import Ranks, accumulate, generator, lr_at, sample_seed
 from livetalk_cli.errors import UserError
 from livetalk_cli.sampling.schedule import sampling_sigmas
@@ -150,6 +150,37 @@ def test_cli_recipe_errors_exit_2_with_one_line(tmp_path):
     line = _one_line_error(runner.invoke(app, ["distill", str(good), "--stage", "foo", "--out", str(tmp_path / "o")]))
     assert "foo" in line
     assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_cli_missing_stage_input_exits_2_with_one_line(tmp_path):
+    """`--stage teacher` on a fresh run folder: one line naming the stage to run first, no traceback."""
+    out = tmp_path / "fresh"
+    res = runner.invoke(app, ["distill", str(write_recipe(tmp_path / "r.yaml")), "--stage", "teacher",
+                              "--out", str(out)])
+    line = _one_line_error(res)
+    assert "Traceback" not in res.stderr and res.stderr.strip() == line
+    assert line.startswith("error: stage 'teacher' needs the latent set")
+    assert str(out / "latents") in line and line.endswith("run --stage vae first")
+    assert not (out / "teacher").exists()
+
+
+def test_max_steps_bounds_the_data_stages_prepare():
+    full = load_recipe(ROOT / "recipes" / "demo")
+    assert (full.max_steps, full.world.num_latent_clips, full.trajectories.num_samples) == (None, 1024, 128)
+    smoke = load_recipe(ROOT / "recipes" / "demo", max_steps=2)
+    assert all(getattr(smoke, s).steps == 2 for s in TRAINING_STAGES) and smoke.max_steps == 2
+    # teacher 2 x 8 clips, dmd 2 x 4, trajectories 2 x 8 (ode_init): one shard of 64 clips, one of 16 samples
+    assert (smoke.world.latent_clips, smoke.world.train_clips, smoke.trajectories.num_samples) == (64, 1024, 16)
+    assert smoke.trajectories.num_steps == full.trajectories.num_steps  # the recipe's sampler, fewer samples
+    zero = load_recipe(ROOT / "recipes" / "demo", max_steps=0)  # still one batch
+    assert (zero.world.latent_clips, zero.trajectories.num_samples) == (64, 16)
+    many = load_recipe(ROOT / "recipes" / "demo", max_steps=200)  # 1600 draws: the whole set
+    assert (many.world.num_latent_clips, many.trajectories.num_samples) == (1024, 128)
+    assert recipe_dict(smoke)["world"]["latent_clips"] == 64 and recipe_dict(smoke)["max_steps"] == 2
+    with pytest.raises(UserError, match="max_steps"):
+        parse_recipe({**tiny_data(), "max_steps": 2})  # the flag, not a recipe key
+    with pytest.raises(UserError, match="world.latent_clips"):
+        parse_recipe(set_key(tiny_data(), "world.latent_clips", 5))  # more than train_clips
 
 
 # --- 6. units -----------------------------------------------------------------------------

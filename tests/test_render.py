@@ -89,8 +89,8 @@ def test_checkpoint_round_trip_renders_identical_frames(tmp_path):
     assert not np.array_equal(read_video(c), va)
 
 
-def test_batch_manifest_resumes_and_isolates_failures(tmp_path):
-    for name, sec in (("x", 0.6), ("y", 0.9)):
+def test_batch_manifest_resumes_and_isolates_failures(tmp_path, monkeypatch):
+    for name, sec in (("x", 0.6), ("y", 0.9), ("z", 0.5)):
         write_wav(tmp_path / f"{name}.wav", sec)
     lines = [
         {"audio": "x.wav", "image": str(FACE), "out": "out/x.mp4"},
@@ -99,18 +99,55 @@ def test_batch_manifest_resumes_and_isolates_failures(tmp_path):
     ]
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    # bad input anywhere: one line per bad job, exit 2, nothing rendered (checked before the model loads)
     res = render("--manifest", str(manifest), "--image", str(FACE))
-    assert res.exit_code == 1
-    assert "missing.wav" in res.output and "1 of 3 job(s) failed" in res.output
-    out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["x.mp4", "y.mp4"]
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert res.exit_code == 2, res.output
+    assert f"{manifest}:2: audio file not found: {tmp_path / 'missing.wav'}" in res.output
+    assert "1 of 3 jobs have bad input" in res.output and not (tmp_path / "out").exists()
     write_wav(tmp_path / "missing.wav", 0.5)
-    res = render("--manifest", str(manifest), "--image", str(FACE))
-    assert res.exit_code == 0, res.output
-    assert res.output.count("skipped (exists)") == 2
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "m.mp4"} == mtimes
+    assert render("--manifest", str(manifest), "--image", str(FACE)).exit_code == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["m.mp4", "x.mp4", "y.mp4"]
     assert probe(out / "m.mp4")["video"]["frames"] == 8
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    res = render("--manifest", str(manifest), "--image", str(FACE))  # resume: all done
+    assert res.exit_code == 0, res.output
+    assert res.output.count("skipped (exists, same input)") == 3
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    # a job whose input changed is not silently skipped
+    write_wav(tmp_path / "y.wav", 0.9, seed=1)
+    res = render("--manifest", str(manifest), "--image", str(FACE))
+    assert res.exit_code == 2 and "out/y.mp4 exists but was made from a different audio: use --overwrite" in res.output
+    res = render("--manifest", str(manifest), "--image", str(FACE), "--seed", "3")
+    assert res.exit_code == 2 and "different audio, model, seed" in res.output  # random weights: seeded
+    # a job crashing while it renders is reported; the others go on
+    import livetalk_cli.render as render_mod
+
+    real = render_mod.render_job
+
+    def crash_on_x(model, job, **kwargs):
+        if job.audio.name == "x.wav":
+            raise RuntimeError("kaboom")
+        return real(model, job, **kwargs)
+
+    monkeypatch.setattr(render_mod, "render_job", crash_on_x)
+    res = render("--manifest", str(manifest), "--image", str(FACE), "--overwrite")
+    assert res.exit_code == 1 and "1 of 3 job(s) failed" in res.output and "kaboom" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["m.mp4", "x.mp4", "y.mp4"]  # x: the old file stays
+
+
+def test_manifest_paths_and_the_image_default(tmp_path, monkeypatch):
+    """Paths inside a manifest are relative to it; --image on the command line is relative to
+    the working directory (as every command-line path)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "face.png").write_bytes(FACE.read_bytes())
+    (tmp_path / "sub").mkdir()
+    write_wav(tmp_path / "sub" / "a.wav", 0.4)
+    (tmp_path / "sub" / "rel.jsonl").write_text(json.dumps({"audio": "a.wav", "out": "o/a.mp4"}) + "\n")
+    res = render("--manifest", "sub/rel.jsonl", "--image", "faces/face.png")
+    assert res.exit_code == 0, res.output
+    assert probe(tmp_path / "sub" / "o" / "a.mp4")["video"]["frames"] == 7
 
 
 def _assert_clean_failure(res, out: Path, code: int, needle: str):
@@ -122,36 +159,81 @@ def _assert_clean_failure(res, out: Path, code: int, needle: str):
         assert list(out.parent.iterdir()) == []
 
 
-def test_bad_inputs_fail_cleanly(tmp_path):
+def test_bad_inputs_fail_cleanly(tmp_path, monkeypatch):
+    """Bad input: exit 2, one line naming the file once, found before the model loads."""
+    import livetalk_cli.pipeline as pipeline
+
+    def no_load(**kwargs):
+        raise AssertionError("the model must not load for bad input")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
     out = tmp_path / "o" / "v.mp4"
     good = write_wav(tmp_path / "g.wav", 0.5)
-    _assert_clean_failure(render(str(tmp_path / "nope.wav"), "--image", str(FACE), "--out", str(out)),
-                          out, 1, "not found")
+    res = render(str(tmp_path / "nope.wav"), "--image", str(FACE), "--out", str(out))
+    _assert_clean_failure(res, out, 2, "not found")
+    assert res.output.count("nope.wav") == 1
     corrupt = tmp_path / "c.wav"
     corrupt.write_text("this is not audio")
-    _assert_clean_failure(render(str(corrupt), "--image", str(FACE), "--out", str(out)), out, 1, "c.wav")
+    _assert_clean_failure(render(str(corrupt), "--image", str(FACE), "--out", str(out)), out, 2, "c.wav")
     empty = write_wav(tmp_path / "e.wav", 0.0)
-    _assert_clean_failure(render(str(empty), "--image", str(FACE), "--out", str(out)), out, 1, "e.wav")
+    _assert_clean_failure(render(str(empty), "--image", str(FACE), "--out", str(out)), out, 2, "e.wav")
     bad_img = tmp_path / "face.png"
     bad_img.write_bytes(b"\x89PNG garbage")
-    _assert_clean_failure(render(str(good), "--image", str(bad_img), "--out", str(out)), out, 1, "face.png")
+    _assert_clean_failure(render(str(good), "--image", str(bad_img), "--out", str(out)), out, 2, "face.png")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"audio": "g.wav", "out": "o/v.mp4"}\n{"audio": "g.wav"\n')
     _assert_clean_failure(render("--manifest", str(manifest), "--image", str(FACE)), out, 2, "m.jsonl:2")
+    manifest.write_text('{"audio": "g.wav", "out": "o/v.mp4"}\n{"audio": "g.wav", "out": "o/../o/v.mp4"}\n')
+    _assert_clean_failure(render("--manifest", str(manifest), "--image", str(FACE)), out, 2, "both write")
     _assert_clean_failure(render(str(good), "--out", str(out)), out, 2, "--image is required")
     _assert_clean_failure(render(str(good), "--image", str(FACE), "--out", str(out), "--cuda-graphs"), out, 2,
                           "needs a CUDA device")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    res = render(str(good), "--image", str(FACE), "--out", str(blocker / "v.mp4"))
+    assert res.exit_code == 2 and f"{blocker} is not a folder" in res.output
+    res = render(str(good), "--image", str(FACE), "--out", "/proc/livetalk-test.mp4")  # read-only for root too
+    assert res.exit_code == 2 and "is not writable" in res.output, res.output
+    res = runner.invoke(app, ["render", str(good), "--image", str(FACE), "--out", str(out), "--preset", "bogus"])
+    assert res.exit_code == 2 and "'bogus' is not one of" in res.output and "Value error" not in res.output
 
 
-def test_render_sequential_and_pipelined_give_the_same_video(tmp_path):
+def test_stale_temporaries_are_removed_and_ctrl_c_leaves_nothing(tmp_path, monkeypatch):
+    audio = write_wav(tmp_path / "a.wav", 0.4)
+    out = tmp_path / "o" / "a.mp4"
+    out.parent.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [out.with_name(f".a.mp4.{int(dead.stdout)}-0123abcd.tmp"), out.with_name(".a.mp4.89abcdef.tmp")]
+    alive = out.with_name(f".a.mp4.{os.getpid()}-fedcba98.tmp")  # another render still writing it
+    other = out.with_name(".a.mp4.x.1-0123abcd.tmp")  # a temporary of the output "a.mp4.x"
+    for t in (*stale, alive, other):
+        t.write_bytes(b"partial")
+    assert render(str(audio), "--image", str(FACE), "--out", str(out)).exit_code == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["a.mp4", alive.name, other.name])
+    import livetalk_cli.render as render_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(render_mod, "load_audio", interrupted)  # Ctrl-C while the job runs
+    out2 = tmp_path / "o" / "b.mp4"
+    res = render(str(audio), "--image", str(FACE), "--out", str(out2))
+    assert res.exit_code == 130 and "interrupted: no partial output was written" in res.output
+    assert not out2.exists() and not list(out.parent.glob(".b.mp4*"))
+
+
+def test_same_switches_and_thread_counts_render_the_same_video(tmp_path):
+    """Repeated renders are bit-identical; pipelined with a budget of 2 threads (1 per stage) and
+    sequential with 1 run every op at the same thread count, so they are identical too."""
     audio = write_wav(tmp_path / "a.wav", 1.3)
-    base, other = tmp_path / "base.mp4", tmp_path / "other.mp4"
-    for out, extra in ((base, []), (other, ["--sequential"])):
-        res = render(str(audio), "--image", str(FACE), "--out", str(out), *extra)
+    runs = {"base": ["--threads", "2"], "again": ["--threads", "2"], "sequential": ["--sequential", "--threads", "1"]}
+    for name, extra in runs.items():
+        res = render(str(audio), "--image", str(FACE), "--out", str(tmp_path / f"{name}.mp4"), *extra)
         assert res.exit_code == 0, res.output
-    a, b = read_video(base), read_video(other)
-    assert a.shape == b.shape
-    np.testing.assert_array_equal(a, b)  # same frames in, same deterministic H.264 out
+    a = read_video(tmp_path / "base.mp4")
+    assert a.std() > 1.0
+    for name in ("again", "sequential"):
+        np.testing.assert_array_equal(read_video(tmp_path / f"{name}.mp4"), a)  # deterministic H.264 out
 
 
 def test_checkpoint_mismatch_and_nan_weights(tmp_path):

@@ -128,3 +128,62 @@ def test_thread_count_is_a_stream_setting(model, pipelined):
         seen.append(torch.get_num_threads())  # the caller's thread, while the stream runs
     stream.close()
     assert set(seen) == {1} and torch.get_num_threads() == before  # applied, then undone
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("pipelined", "team"), [(True, 2), (False, 4)])
+def test_every_thread_of_a_cpu_stream_runs_its_team_size(model, monkeypatch, pipelined, team):
+    """A budget of 4 threads: pipelined, the DiT worker and the decoding caller run 2 each from
+    `start()` on (the first block included); sequential runs one team of 4."""
+    import threading
+
+    wave, image = _inputs(model, 2.0)
+    seen: dict[str, set[tuple[str, int]]] = {"dit": set(), "vae": set()}
+
+    def spy(kind, fn):
+        def wrapped(*args, **kwargs):
+            seen[kind].add((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(model.dit, "forward", spy("dit", model.dit.forward))
+    for name in ("encode_step", "decode_first", "decode_next"):
+        monkeypatch.setattr(model.vae, name, spy("vae", getattr(model.vae, name)))
+    before = torch.get_num_threads()
+    stream = AvatarStream(model, StreamOptions(pipelined=pipelined, threads=4))
+    stream.start(image, "", seed=1)
+    list(stream_video(stream, wave, 4))
+    stream.close()
+    assert {n for _, n in seen["dit"] | seen["vae"]} == {team}
+    threads = {t for t, _ in seen["dit"]}
+    assert threads == ({"MainThread", "livetalk-dit"} if pipelined else {"MainThread"})  # block 0 on the caller
+    assert torch.get_num_threads() == before
+
+
+@torch.no_grad()
+def test_the_demo_models_vae_anchor_is_not_a_visible_cut():
+    """The embedded demo model re-anchors its VAE every 3 blocks (frames 33, 69, 105, ...). Its
+    stream drifts between anchors, so a hard reset jumped by ~35/255 mean |difference| against a
+    median of ~4 (measured); faded over a block, the jump into an anchored block stays within the
+    stream's own frame-to-frame differences."""
+    from livetalk_cli.media import load_image
+    from livetalk_cli.runtime.stream import block_video_range
+    from livetalk_cli.world.speech import synth_speech
+
+    demo = load_model(device="cpu", dtype="float32")
+    cfg = demo.cfg
+    assert cfg.stream.vae_anchor_every == 3
+    seconds = 7
+    wave = torch.from_numpy(synth_speech(np.random.default_rng(21), seconds * 16000).astype(np.float32))
+    image = load_image("examples/face.png", cfg.height, cfg.width)
+    stream = AvatarStream(demo, StreamOptions(pipelined=False))
+    stream.start(image, "", seed=21)
+    n = blocks_for_video_frames(seconds * cfg.fps, cfg.stream.block_frames, stream.tf)
+    frames = np.concatenate([frames_to_uint8(v) for v in stream_video(stream, wave, n)]).astype(np.float32)
+    jump = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))  # jump[i - 1]: into frame i
+    anchors = [block_video_range(b, cfg.stream.block_frames, stream.tf)[0] for b in range(3, n, 3)]
+    assert anchors[:3] == [33, 69, 105]
+    at = jump[[a - 1 for a in anchors]]
+    rest = np.delete(jump, [0, *[a - 1 for a in anchors]])  # frame 1: the reference -> generated step
+    assert at.max() <= rest.max(), (at, np.median(rest), rest.max())
+    assert at.mean() <= 1.5 * np.median(rest), (at, np.median(rest))

@@ -116,6 +116,28 @@ def test_vae_stream_anchor_rebuilds_the_cache_from_the_first_latent(vae: WanVAE,
 
 
 @torch.no_grad()
+def test_vae_stream_anchor_cross_fades_from_the_continuation(vae: WanVAE) -> None:
+    """With a fade of one block: block 2 (anchored) is the plain stream's block 2 blended into the
+    anchored decode's, frame j of 12 weighing the anchored one (j + 1) / 13; block 3 is anchored."""
+    from livetalk_cli.runtime.vae_stream import VAEStream
+
+    z = _latents(12, seed=5)
+    stream = VAEStream(vae, anchor_every=2, history=2, fade_latents=3)
+    got = []
+    for i, block in enumerate(z.split(3, dim=2)):
+        stream.begin_block()
+        parts = block.split([1, 2], dim=2) if i == 2 else [block]  # the fade spans chunks of a block
+        got.append(torch.cat([stream.decode(part) for part in parts], dim=2))
+    plain = vae.decode(z)
+    anchored = vae.decode(torch.cat([z[:, :, :1], z[:, :, 4:6], z[:, :, 6:12]], dim=2))[:, :, 9:]
+    w = torch.arange(1, 13, dtype=torch.float32).view(1, 1, 12, 1, 1) / 13
+    expected = plain[:, :, 21:33] * (1 - w) + anchored[:, :, :12] * w
+    torch.testing.assert_close(torch.cat(got[:2], dim=2), plain[:, :, :21], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3], anchored[:, :, 12:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_streaming_cache_is_needed(vae: WanVAE) -> None:
     """Decoding the third latent without the second one's history gives different output."""
     z = _latents(3, seed=3)

@@ -7,17 +7,23 @@ identity error ~0.015 own vs ~0.5 for another identity) and well above what a wr
 
 from __future__ import annotations
 
+import csv
 import json
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 from typer.testing import CliRunner
 
+from livetalk_cli.bench_table import print_bench
 from livetalk_cli.cli import app
 from livetalk_cli.media import VideoWriter, load_audio, read_video
+from livetalk_cli.tables import eval_csv, print_eval
 from livetalk_cli.world.clip import WorldClip, WorldConfig, audio_envelope, make_clip
+from livetalk_cli.world.evaluate import mean_result
 from livetalk_cli.world.face import (
     MOUTH_INTERIOR_RGB,
     mouth_colour_distance2,
@@ -27,7 +33,9 @@ from livetalk_cli.world.face import (
     sample_identity,
 )
 from livetalk_cli.world.metrics import (
+    DRIFT_MIN_S,
     drift,
+    drift_per_min,
     evaluate_video,
     identity_error,
     lip_sync,
@@ -228,6 +236,44 @@ def test_drift(clips: list[WorldClip]) -> None:
     assert windows == [9.5, 29.5]
 
 
+def _shift_over_time(frames: np.ndarray, start: float, end: float) -> np.ndarray:
+    """A colour shift growing linearly from `start` to `end` times (40, -20, 10) over the clip."""
+    ramp = np.linspace(start, end, frames.shape[0], dtype=np.float32)[:, None, None, None]
+    return _to_u8(frames.astype(np.float32) + ramp * np.array([40.0, -20.0, 10.0], np.float32))
+
+
+def test_drift_is_reported_only_for_long_enough_videos() -> None:
+    errors = 0.001 * np.arange(2 * DRIFT_MIN_S, dtype=np.float64)  # 2 fps: +0.002 per second
+    assert drift_per_min(errors, fps=2.0) == pytest.approx(0.12)  # exactly DRIFT_MIN_S seconds
+    assert drift_per_min(errors[:-1], fps=2.0) is None  # a second short
+    assert drift_per_min(errors[:10], fps=2.0, min_seconds=5) == pytest.approx(0.12)
+
+    short = make_clip(7, 5 * FPS)  # the 5-s clip whose drift was extrapolated to a minute
+    res = evaluate_video(_shift_over_time(short.frames, 0, 1), short.audio, SR, FPS, short.reference)
+    assert res["drift_per_min"] is None and res["drift_window_s"] == 5.0 and res["drift_min_s"] == DRIFT_MIN_S
+    json.dumps(res)
+
+    long = make_clip(8, 24 * FPS)
+    away = evaluate_video(_shift_over_time(long.frames, 0, 1), long.audio, SR, FPS, long.reference)
+    assert away["drift_window_s"] == 24.0 and away["drift_per_min"] > 0.1  # moving away from the reference
+    back = drift_per_min(identity_error(_shift_over_time(long.frames, 1, 0), long.reference), FPS)
+    assert back is not None and back < -0.1  # starts off, comes back
+    still = drift_per_min(identity_error(long.frames, long.reference), FPS)
+    assert still is not None and abs(still) < 0.02 < away["drift_per_min"] / 5
+
+
+def test_mean_over_videos_skips_absent_drift() -> None:
+    base = {k: 0.5 for k in ("lip_sync_corr", "lip_sync_offset", "lip_sync_corr_at_zero", "identity_error",
+                             "flicker", "black_frames", "frozen_frames", "seconds")}
+    results = [{**base, "drift_per_min": d} for d in (None, 0.3, -0.1)]
+    mean = mean_result(results)
+    assert mean["drift_per_min"] == pytest.approx(0.1) and mean["drift_videos"] == 2
+    assert mean["identity_error"] == pytest.approx(0.5)
+    none = mean_result(results[:1])
+    assert none["drift_per_min"] is None and none["drift_videos"] == 0
+    json.dumps(mean)
+
+
 def test_evaluate_video_is_json_ready(clips: list[WorldClip]) -> None:
     c = clips[1]
     result = evaluate_video(c.frames, c.audio, SR, FPS, c.reference)
@@ -253,6 +299,17 @@ def test_eval_command(tmp_path: Path) -> None:
     for key in ("lip_sync_corr", "lip_sync_offset", "identity_error", "flicker", "black_frames", "frozen_frames",
                 "drift_per_min"):
         assert key in doc["mean"] and all(key in v for v in doc["videos"])
+    # 3-s clips: too short for a drift, which is absent (null / "–"), not extrapolated to a minute
+    assert [v["drift_per_min"] for v in doc["videos"]] == [None, None] and doc["mean"]["drift_per_min"] is None
+    assert [v["drift_window_s"] for v in doc["videos"]] == [3.0, 3.0]
+    lines = res.stdout.splitlines()  # not a terminal: plain text
+    assert max(map(len, lines)) <= 80 and all(any(v.name in line for line in lines) for v in videos)
+    assert "–" in res.stdout and "…" not in res.stdout
+
+    res = runner.invoke(app, ["eval", *map(str, videos), "--csv", "-"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(StringIO(res.stdout)))
+    assert [r["video"] for r in rows] == [str(v) for v in videos] and rows[0]["drift_per_min"] == ""
     assert doc["videos"][0]["lip_sync_corr"] > 0.7 and doc["videos"][0]["identity_error"] < 0.05
     assert not list(tmp_path.glob(".*.tmp"))  # the JSON was renamed into place
 
@@ -263,3 +320,101 @@ def test_eval_command(tmp_path: Path) -> None:
     assert "reference image not found" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+BOX = set("─━│┃┌┐└┘├┤┬┴┼╭╮╰╯═║…")  # rich's box drawing and its ellipsis
+
+
+def _consoles() -> list[tuple[str, Console, StringIO]]:
+    """An 80-column terminal (styled; its text recorded) and a pipe (not a terminal)."""
+    term_buf, pipe_buf = StringIO(), StringIO()
+    return [("terminal", Console(width=80, file=term_buf, force_terminal=True, record=True), term_buf),
+            ("pipe", Console(width=80, file=pipe_buf), pipe_buf)]
+
+
+def _printed(console: Console, buf: StringIO) -> str:
+    if console.is_terminal:
+        assert "\x1b[" in buf.getvalue()  # styled
+        return console.export_text(styles=False)
+    text = buf.getvalue()
+    assert "\x1b" not in text  # plain when piped
+    return text
+
+
+def _result(name: str, seconds: float, drift_value: float | None) -> dict[str, object]:
+    return {"video": f"/renders/batch/{name}", "reference": "ref.png", "fps": 16.0, "frames": int(16 * seconds),
+            "seconds": seconds, "lip_sync_corr": 0.9123, "lip_sync_offset": -1, "lip_sync_corr_at_zero": 0.88,
+            "identity_error": 0.01534, "flicker": 1.234, "black_frames": 0.0, "frozen_frames": 0.125,
+            "drift_per_min": drift_value, "drift_window_s": float(int(seconds)), "drift_min_s": float(DRIFT_MIN_S)}
+
+
+def test_eval_table_fits_80_columns_whole_names_plain_when_piped() -> None:
+    names = ["speech.mp4", "speech_interview_take_07_with_a_long_descriptive_name.mp4", "a.mp4"]
+    results = [_result(names[0], 5.0, None), _result(names[1], 42.0, 0.0123), _result(names[2], 30.0, -0.0042)]
+    for where, console, buf in _consoles():
+        print_eval(results, mean_result(results), console)
+        text = _printed(console, buf)
+        lines = text.splitlines()
+        assert max(map(len, lines)) <= 80, (where, text)
+        assert not BOX & set(text), where
+        for name in names:
+            assert any(name in line for line in lines), (where, name, text)
+        assert lines[0].split() == ["video", "lip-sync", "offset", "identity", "flicker", "black%", "frozen%",
+                                    "drift/min"]
+        short = next(line for line in lines if line.startswith("speech.mp4"))
+        assert short.split() == ["speech.mp4", "0.912", "-1", "0.0153", "1.23", "0.0", "12.5", "–"]
+        long_at = next(i for i, line in enumerate(lines) if line.startswith(names[1]))
+        assert lines[long_at + 1].split()[-1] == "+0.0123"  # its numbers on the next line
+        mean = next(line for line in lines if line.startswith("mean"))
+        assert mean.split()[-1] == "+0.0040"  # over the two videos that have a drift
+        assert f"shorter than {DRIFT_MIN_S} s" in text
+
+
+def test_eval_csv_has_every_video_and_empty_absent_drift() -> None:
+    results = [_result("speech.mp4", 5.0, None), _result("long.mp4", 42.0, 0.0123)]
+    rows = list(csv.DictReader(StringIO(eval_csv(results))))
+    assert [r["video"] for r in rows] == ["/renders/batch/speech.mp4", "/renders/batch/long.mp4"]
+    assert rows[0]["drift_per_min"] == "" and float(rows[1]["drift_per_min"]) == 0.0123
+    assert float(rows[0]["identity_error"]) == 0.01534 and rows[1]["drift_window_s"] == "42.0"
+
+
+def test_bench_notes_and_tables_fit_80_columns_and_pipes() -> None:
+    span = {"median": 43.0267, "min": 36.1583, "max": 43.8221, "n": 3}
+    r = {
+        "machine": {"device": "AMD EPYC 9654 96-Core Processor (2 threads)", "torch": "2.13.0+cpu"},
+        "model": {"name": "demo", "source": "/work/main/livetalk_cli/assets/demo", "dtype": "float32",
+                  "vae_dtype": "float32", "height": 96, "width": 96, "fps": 16, "steps": 4, "block_frames": 3,
+                  "sink_frames": 3, "window_frames": 3},
+        "options": {},
+        "fps": span, "realtime_factor": 2.689, "first_frame_s": {"median": 0.291, "min": 0.262, "max": 0.339},
+        "latency_budget": {"audio_before_first_block_s": 0.5625, "lookahead_s": 0.0, "frames_per_block": 12},
+        "flops": {"floor_fps": 378.9, "dit_per_frame": 2.3e8, "vae_decode_per_frame": 6.8e7,
+                  "dit_attention_per_frame": 6.2e7, "matmul_flop_per_s": 1.13e11, "floor_first_frame_s": 0.0231,
+                  "first_frame": 2.61e9},
+        "reference": {"fps": 24.82, "first_frame_s": 0.33, "source": "LiveTalk (arXiv 2512.23576), GPU not stated"},
+        "stages_s": {"denoise pass 1": {"median": 0.0349, "min": 0.0265, "max": 0.0424},
+                     "VAE decode + to host": {"median": 0.1451, "min": 0.121, "max": 0.2956}},
+        "compare": [{"options": "pipelined+compile+cuda-graphs+split-threads", "fps": span, "fps_gain": 1.21,
+                     "first_frame_s": {"median": 0.308}, "first_frame_gain": 0.92}],
+        "peak_memory_mb": 539.2, "peak_memory_kind": "process max RSS",
+        "memory_stream": {"minutes": 10.0, "start_mb": 528.1, "end_mb": 531.7, "min_mb": 516.7, "max_mb": 539.1,
+                          "growth_mb": 3.6, "tolerance_mb": 16.0, "flat": True},
+    }
+    whole = ["2.69x real time (16 fps)", "stream start -> first generated frame on host",
+             "algorithmic: block 0's frames + 0.000 s look-ahead", "0.298 GFLOP/frame over 0.113 TFLOP/s matmul",
+             "27% of the DiT's FLOPs in attention", "2.61 GFLOP to the first frame",
+             "first frame 0.33 s; LiveTalk (arXiv 2512.23576), GPU not stated",
+             "pipelined+compile+cuda-graphs+split-threads", "growth +3.6 MB (tolerance 16 MB): flat",
+             "10.0-minute stream: 528 -> 532 MB, range 517-539 MB", "AMD EPYC 9654 96-Core Processor (2 threads)"]
+    for where, console, buf in _consoles():
+        print_bench(r, console)
+        text = _printed(console, buf)
+        lines = text.splitlines()
+        assert max(map(len, lines)) <= 80, (where, text)
+        assert not BOX & set(text), where
+        for note in whole:
+            assert any(note in line for line in lines), (where, note, text)
+        fps_row = next(line for line in lines if line.startswith("steady-state FPS"))
+        assert fps_row.split()[-3:] == ["43.03", "36.16", "43.82"]

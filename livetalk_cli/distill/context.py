@@ -9,6 +9,7 @@ Stage outputs live under the recipe's `out` folder, one folder per stage:
     ode_init/dit.safetensors                        the causal student after ODE initialisation
     dmd/dit.safetensors                             the DMD student (EMA weights when EMA ran)
     student/                                        a `livetalk render --checkpoint` folder
+    <stage>/done.json                               the stage finished, and from what (markers.py)
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from livetalk_cli.config import ModelConfig
+from livetalk_cli.distill.markers import stage_done
 from livetalk_cli.distill.recipe import Recipe
 from livetalk_cli.distill.trainer import Ranks, full_state
 from livetalk_cli.errors import UserError
-from livetalk_cli.files import atomic_path, save_safetensors_atomic
+from livetalk_cli.files import save_safetensors_atomic
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.models.text import BuiltinTextEncoder
 from livetalk_cli.models.vae import WanVAE
@@ -118,19 +120,6 @@ def save_weights(module: nn.Module, path: Path, ranks: Ranks) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(state, path)
-
-
-def stage_done(ctx: StageContext, stage: str) -> bool:
-    marker = ctx.out / stage / "done.json"
-    return marker.is_file()
-
-
-def mark_done(ctx: StageContext, stage: str, info: dict) -> None:
-    if ctx.ranks.main:
-        marker = ctx.out / stage / "done.json"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps(info, indent=1))
 
 
 def stage_modules(recipe: Recipe, device: torch.device | str = "meta") -> dict[str, dict[str, nn.Module]]:

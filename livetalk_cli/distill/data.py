@@ -10,7 +10,9 @@ The latent dataset is written once after the VAE stage, in shards of `SHARD` cli
 `mouth` (N, h, w) fp16 (where the mouth is, on the latent grid: `mouth_region`), `index` (N,) clip
 seeds, and for models with `still_reference_latents` > 0 `reference` (N, C, R, h, w) fp16 (the
 reference image as a still video, `WanVAE.encode_reference`); the shard's metadata holds the
-prompts. Shards are resumable; a shard without `reference` that the model needs gains it in place.
+prompts and, for world sets, `vae`: the id of the VAE that encoded it (`markers.stage_id`). Shards
+are resumable; a shard without `reference` that the model needs gains it in place, and one with
+fewer clips than the set now needs (a `--max-steps` run's) or from another VAE is encoded again.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from livetalk_cli.world.face import mouth_colour_distance2
 
 log = logging.getLogger(__name__)
 SHARD = 64
+ANY_VAE = "*"  # `made_by` for latent sets made elsewhere (`world.latents`): any tag, or none
 
 
 def world_config(cfg: ModelConfig) -> WorldConfig:
@@ -120,23 +123,27 @@ def encode_world(
     *,
     num_clips: int,
     clip_frames: int,
+    made_by: str | None = None,
     rank: int = 0,
     world: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Encode clip seeds [0, num_clips) into shards (each rank writes its own shards)."""
+    """Encode clip seeds [0, num_clips) into shards (each rank writes its own shards), tagged
+    `made_by`; shards already there with those clips and that tag are kept."""
     directory.mkdir(parents=True, exist_ok=True)
     shards = list(range((num_clips + SHARD - 1) // SHARD))
     device = next(vae.parameters()).device
     for s in shards[rank::world]:
         path = directory / f"shard_{s:05d}.safetensors"
         seeds = list(range(s * SHARD, min((s + 1) * SHARD, num_clips)))
-        if path.is_file():
+        if _shard_ok(path, len(seeds), made_by):
             if cfg.still_reference_latents and not _has_reference(path):
-                _add_references(path, cfg, vae, seeds)
+                _add_references(path, cfg, vae)
             if on_progress:
                 on_progress(s + 1, len(shards))
             continue
+        if path.is_file():
+            log.info("%s: encoding again (%d clips needed, other clips or another VAE)", path, len(seeds))
         lat, aud, mouth, refs, prompts = [], [], [], [], []
         for seed in seeds:
             clip = world_clip(cfg, seed, clip_frames)
@@ -155,7 +162,7 @@ def encode_world(
         }
         if refs:
             tensors["reference"] = torch.cat(refs).half().contiguous()
-        _save_shard(path, tensors, prompts)
+        _save_shard(path, tensors, _metadata(prompts, made_by))
         if on_progress:
             on_progress(s + 1, len(shards))
 
@@ -165,8 +172,28 @@ def _reference_latents(cfg: ModelConfig, vae: WanVAE, clip: WorldClip) -> Tensor
     return vae.encode_reference(image, cfg.still_reference_latents).float().cpu()
 
 
-def _save_shard(path: Path, tensors: dict[str, Tensor], prompts: list[str]) -> None:
-    save_safetensors_atomic(tensors, path, metadata={"prompts": json.dumps(prompts)})
+def _metadata(prompts: list[str], made_by: str | None) -> dict[str, str]:
+    return {"prompts": json.dumps(prompts), **({"vae": made_by} if made_by is not None else {})}
+
+
+def _save_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    save_safetensors_atomic(tensors, path, metadata=metadata)
+
+
+def shard_header(path: Path) -> tuple[int, dict[str, str]] | None:
+    """(the shard's rows, its metadata), or None when there is no such shard."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        key = "index" if "index" in f.keys() else "latents"
+        return f.get_slice(key).get_shape()[0], f.metadata() or {}
+
+
+def _shard_ok(path: Path, rows: int, made_by: str | None) -> bool:
+    header = shard_header(path)
+    return header is not None and header[0] >= rows and made_by in (ANY_VAE, header[1].get("vae"))
 
 
 def _has_reference(path: Path) -> bool:
@@ -176,25 +203,29 @@ def _has_reference(path: Path) -> bool:
         return "reference" in f.keys()
 
 
-def _add_references(path: Path, cfg: ModelConfig, vae: WanVAE, seeds: list[int]) -> None:
+def _add_references(path: Path, cfg: ModelConfig, vae: WanVAE) -> None:
     """Give an existing shard the reference latents a still-reference model needs (only the
     reference images are encoded; the clips' latents stay as they are)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        prompts = json.loads(f.metadata()["prompts"])
+        metadata = f.metadata()
     tensors = load_file(str(path))
+    seeds = tensors["index"].tolist()
     refs = [_reference_latents(cfg, vae, make_clip(seed, 1, world_config(cfg))) for seed in seeds]
     tensors["reference"] = torch.cat(refs).half().contiguous()
-    _save_shard(path, tensors, prompts)
+    _save_shard(path, tensors, metadata)
 
 
 def load_latents(directory: Path, num_clips: int) -> LatentSet:
+    """Clips [0, num_clips) of the latent set in `directory` (its shards may hold more)."""
     from safetensors import safe_open
 
     lat, aud, mouth, refs, prompts = [], [], [], [], []
     for s in range((num_clips + SHARD - 1) // SHARD):
         path = directory / f"shard_{s:05d}.safetensors"
+        if not path.is_file():
+            raise UserError(f"{path} not found: the latent set holds fewer than the {num_clips} clips needed")
         t = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             prompts += json.loads(f.metadata()["prompts"])
@@ -202,12 +233,26 @@ def load_latents(directory: Path, num_clips: int) -> LatentSet:
         aud.append(t["audio"])
         mouth.append(t.get("mouth"))
         refs.append(t.get("reference"))
-    regions = torch.cat(mouth) if all(m is not None for m in mouth) else None
-    reference = torch.cat(refs) if all(r is not None for r in refs) else None
-    return LatentSet(torch.cat(lat), torch.cat(aud), prompts, regions, reference)
+    regions = torch.cat(mouth)[:num_clips] if all(m is not None for m in mouth) else None
+    reference = torch.cat(refs)[:num_clips] if all(r is not None for r in refs) else None
+    data = LatentSet(torch.cat(lat)[:num_clips], torch.cat(aud)[:num_clips], prompts[:num_clips], regions, reference)
+    if len(data) < num_clips:
+        raise UserError(f"{directory}: the latent set holds {len(data)} clips, {num_clips} needed")
+    return data
 
 
-def latents_complete(directory: Path, num_clips: int, *, reference: bool = False) -> bool:
-    """Every shard is there (and, with `reference`, holds the still-reference latents)."""
-    paths = [directory / f"shard_{s:05d}.safetensors" for s in range((num_clips + SHARD - 1) // SHARD)]
-    return all(p.is_file() and (not reference or _has_reference(p)) for p in paths)
+def latents_ready(directory: Path, num_clips: int, *, reference: bool = False, made_by: str | None = None) -> int:
+    """How many of clips [0, num_clips) the set holds in whole shards (with `reference`: holding the
+    still-reference latents; tagged `made_by`, a VAE id, or untagged for None, or anything for ANY_VAE)."""
+    ready = 0
+    for s in range((num_clips + SHARD - 1) // SHARD):
+        path = directory / f"shard_{s:05d}.safetensors"
+        rows = min(SHARD, num_clips - s * SHARD)
+        if _shard_ok(path, rows, made_by) and (not reference or _has_reference(path)):
+            ready += rows
+    return ready
+
+
+def latents_complete(directory: Path, num_clips: int, *, reference: bool = False, made_by: str | None = None) -> bool:
+    """Every clip of [0, num_clips) is there (see `latents_ready`)."""
+    return latents_ready(directory, num_clips, reference=reference, made_by=made_by) == num_clips

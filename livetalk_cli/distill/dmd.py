@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from livetalk_cli.config import StreamConfig
-from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
+from livetalk_cli.distill.context import StageContext, save_weights
 from livetalk_cli.distill.data import load_latents
 from livetalk_cli.distill.flow import FlowModel, generated_mask, masked_mse, pin_reference
+from livetalk_cli.distill.markers import checkpoint_meta, mark_done, stage_done
 from livetalk_cli.distill.trainer import (
     TrainState,
     ema_update,
@@ -107,7 +108,7 @@ def run_dmd_stage(ctx: StageContext) -> None:
     st = r.dmd
     if stage_done(ctx, "dmd"):
         return
-    data = load_latents(ctx.latents_dir, r.world.train_clips)
+    data = load_latents(ctx.latents_dir, r.world.num_latent_clips)
     text = ctx.text_encoder().requires_grad_(False)
     with torch.no_grad():
         empty = text([""])
@@ -181,7 +182,7 @@ def run_dmd_stage(ctx: StageContext) -> None:
         return logs
 
     run_loop(stage="dmd", directory=ctx.out / "dmd", loop=st, state=state, ranks=ranks, step_fn=step_fn,
-             meta={"stage": "dmd"}, samples_per_step=st.batch_size,
+             meta=checkpoint_meta(ctx, "dmd"), samples_per_step=st.batch_size,
              on_progress=lambda d, t, v: ctx.progress("dmd", d, t, v))
     used_ema = bool(state.extra.get("ema_started"))
     save_weights(ema if used_ema else unwrap(rollout).flow.dit, ctx.out / "dmd" / "dit.safetensors", ranks)

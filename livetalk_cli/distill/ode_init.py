@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
+from livetalk_cli.distill.context import StageContext, save_weights
 from livetalk_cli.distill.data import load_latents
 from livetalk_cli.distill.flow import FlowModel, generated_mask, masked_mse, pin_reference
+from livetalk_cli.distill.markers import checkpoint_meta, mark_done, stage_done
 from livetalk_cli.distill.trainer import (
     TrainState,
     generator,
@@ -53,7 +54,7 @@ def run_ode_init_stage(ctx: StageContext) -> None:
     st = r.ode_init
     if stage_done(ctx, "ode_init"):
         return
-    data = load_latents(ctx.latents_dir, r.world.train_clips)
+    data = load_latents(ctx.latents_dir, r.world.num_latent_clips)
     traj, traj_index = load_trajectories(ctx)
     text = ctx.text_encoder().requires_grad_(False)
     dit = ctx.load_dit("teacher")
@@ -98,7 +99,7 @@ def run_ode_init_stage(ctx: StageContext) -> None:
         return logs
 
     run_loop(stage="ode_init", directory=ctx.out / "ode_init", loop=st, state=state, ranks=ranks,
-             step_fn=step_fn, meta={"stage": "ode_init"}, samples_per_step=st.batch_size,
+             step_fn=step_fn, meta=checkpoint_meta(ctx, "ode_init"), samples_per_step=st.batch_size,
              on_progress=lambda d, t, v: ctx.progress("ode_init", d, t, v))
     save_weights(dit, ctx.out / "ode_init" / "dit.safetensors", ranks)
     mark_done(ctx, "ode_init", {"steps": st.steps, "plateau_step": state.extra.get("plateau_step"),

@@ -81,6 +81,11 @@ class WorldDataConfig:
     clip_frames: int = 45  # 1 + 4k video frames = 1 + k latent frames
     heldout_seed: int = 1_000_000
     latents: str | None = None  # a folder of latent shards (data.py format) instead of world clips
+    latent_clips: int = 0  # the DiT stages use (and the vae stage encodes) clips [0, this); 0 = train_clips
+
+    @property
+    def num_latent_clips(self) -> int:
+        return self.latent_clips or self.train_clips
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -179,6 +184,7 @@ class Recipe:
     trajectories: TrajectoryStage = field(default_factory=TrajectoryStage)
     ode_init: ODEInitStage = field(default_factory=ODEInitStage)
     dmd: DMDStage = field(default_factory=DMDStage)
+    max_steps: int | None = None  # set by --max-steps (`bound_to_steps`): a smoke run
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -201,10 +207,42 @@ def load_recipe(path: Path, *, out: Path | None = None, max_steps: int | None = 
     if out is not None:
         recipe = dataclasses.replace(recipe, out=Path(out))
     if max_steps is not None:
-        _check(max_steps >= 0, "--max-steps must be >= 0")
-        changes = {s: dataclasses.replace(getattr(recipe, s), steps=max_steps) for s in TRAINING_STAGES}
-        recipe = dataclasses.replace(recipe, **changes)
+        recipe = bound_to_steps(recipe, max_steps)
     return recipe
+
+
+def bound_to_steps(r: Recipe, max_steps: int) -> Recipe:
+    """`--max-steps N`: every training stage runs N steps, and the data the stages prepare is cut to
+    what N steps can use, so a whole recipe runs end to end in minutes. The latent set
+    (`world.latent_clips`) keeps the clips the teacher and DMD steps can draw (steps x batch, at
+    least one batch) and the trajectories; the trajectories (`trajectories.num_samples`) those the
+    ODE-init steps can draw. Both are rounded up to whole shards (the shards a later full run
+    extends). A later run without the flag in the same folder treats the smaller outputs as
+    unfinished (`markers.stage_done`) and makes them again at full size."""
+    from livetalk_cli.distill import data
+
+    _check(max_steps >= 0, "--max-steps must be >= 0")
+    r = dataclasses.replace(r, max_steps=max_steps,
+                            **{s: dataclasses.replace(getattr(r, s), steps=max_steps) for s in TRAINING_STAGES})
+
+    def used(stage: LoopConfig) -> int:
+        return max(stage.steps, 1) * stage.batch_size
+
+    t = r.trajectories
+    ode_draws = used(r.ode_init) if "ode_init" in r.stages else t.batch_size
+    samples = min(t.num_samples, _round_up(ode_draws, t.shard_size))
+    draws = [samples]
+    if "teacher" in r.stages and not r.teacher.checkpoint:
+        draws.append(used(r.teacher))
+    if "dmd" in r.stages:
+        draws.append(used(r.dmd))
+    clips = min(r.world.num_latent_clips, _round_up(max(draws), data.SHARD))
+    return dataclasses.replace(r, trajectories=dataclasses.replace(t, num_samples=samples),
+                               world=dataclasses.replace(r.world, latent_clips=clips))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
@@ -214,6 +252,8 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
     overrides = data.pop("model_overrides", {})
     if not isinstance(model, str):
         raise UserError("recipe: 'model' must be a preset name")
+    if "max_steps" in data:
+        raise UserError("recipe: max_steps is not a recipe key (it is the --max-steps flag)")
     cfg = preset(model)
     if overrides:
         merged = cfg.to_dict()
@@ -266,7 +306,9 @@ def _validate(r: Recipe) -> None:
     _check(bool(torch.allclose(kept, wanted, atol=1e-6)),
            "trajectories.keep_steps (with trajectories.num_steps/shift) must sit at the student's timesteps "
            f"{[round(float(s) * 1000, 1) for s in wanted]}")
-    _check(t.num_samples <= r.world.train_clips, "trajectories.num_samples must be <= world.train_clips")
+    _check(0 <= r.world.latent_clips <= r.world.train_clips, "world.latent_clips must be in [0, world.train_clips]")
+    _check(t.num_samples <= r.world.num_latent_clips,
+           "trajectories.num_samples must be <= world.train_clips (and world.latent_clips when set)")
     d = r.dmd
     _check(d.num_blocks >= 1, "dmd.num_blocks must be >= 1")
     _check(0 <= d.timestep_min < d.timestep_max <= 1000, "dmd: 0 <= timestep_min < timestep_max <= 1000")

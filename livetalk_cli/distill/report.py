@@ -60,6 +60,10 @@ from livetalk_cli.world.metrics import evaluate_video
 METRICS = ("lip_sync_corr", "lip_sync_offset", "identity_error", "flicker", "black_frames", "frozen_frames")
 
 
+def _drift(d: dict[str, float] | None) -> str:
+    return "-" if d is None else f"{d['mean']:+.4f}"
+
+
 def ci95(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, np.float64)
     half = 1.96 * a.std(ddof=1) / math.sqrt(a.size) if a.size > 1 else float("nan")
@@ -184,7 +188,8 @@ def identity_over_time(videos: Iterable[tuple[np.ndarray, Any]], cfg: Any) -> di
         windows.append(res["identity_error_windows"])
         drifts.append(res["drift_per_min"])
         means.append(res["identity_error"])
-    return {"identity_error": ci95(means), "drift_per_min": ci95(drifts),
+    drifts = [d for d in drifts if d is not None]  # None: a stream too short for a drift (metrics.DRIFT_MIN_S)
+    return {"identity_error": ci95(means), "drift_per_min": ci95(drifts) if drifts else None,
             "identity_error_per_10s": np.mean(np.asarray(windows), axis=0).tolist(), "per_identity": means}
 
 
@@ -343,7 +348,7 @@ def markdown(rep: dict[str, Any]) -> str:
         for label, d in rows:
             per = ", ".join(f"{v:.3f}" for v in d["identity_error_per_10s"])
             lines.append(f"| {label} | {d['identity_error']['mean']:.4f} ± {d['identity_error']['ci95']:.4f} | "
-                         f"{d['drift_per_min']['mean']:+.4f} | {per} |")
+                         f"{_drift(d['drift_per_min'])} | {per} |")
         g = rep["sinks"]["paired_gain"]
         lines += ["", f"Paired gain of the sinks (no-sinks minus sinks identity error, per identity, same audio "
                   f"and seeds; n = {g['n']}): {g['mean']:+.4f} ± {g['ci95']:.4f}."]

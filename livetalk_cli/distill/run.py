@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from livetalk_cli.distill.context import ProgressHook, StageContext
+from livetalk_cli.distill.inputs import check_inputs
 from livetalk_cli.distill.recipe import Recipe, recipe_dict
 from livetalk_cli.distill.trainer import init_ranks
 from livetalk_cli.errors import UserError
@@ -58,13 +59,25 @@ def run_recipe(recipe: Recipe, *, stage: str | None = None, on_progress: Progres
     if ranks.main:
         recipe.out.mkdir(parents=True, exist_ok=True)
         (recipe.out / "recipe.json").write_text(json.dumps(recipe_dict(recipe), indent=1, default=str))
+        if recipe.max_steps is not None:
+            log.warning("%s", smoke_note(recipe))
     for name in [stage] if stage else recipe.stages:
         log.info("stage %s", name)
+        check_inputs(ctx, name)  # before any work: a missing input is one line naming the stage to run
         _stage_fn(name)(ctx)
         if name in STUDENT_FOLDERS:
             export_student(ctx, name, STUDENT_FOLDERS[name])
         ranks.barrier()  # every rank sees the stage's outputs before the next stage starts
     return ctx
+
+
+def smoke_note(r: Recipe) -> str:
+    """What a `--max-steps` run bounds (also in OUT/recipe.json: max_steps, world.latent_clips,
+    trajectories.num_samples)."""
+    return (f"--max-steps {r.max_steps}: a smoke run: {r.max_steps} steps per training stage, "
+            f"{r.world.num_latent_clips} of {r.world.train_clips} clips encoded, "
+            f"{r.trajectories.num_samples} teacher trajectories; a later run without --max-steps in "
+            f"{r.out} makes again whatever falls short of the recipe")
 
 
 # Stages whose DiT is a student, and the checkpoint folder each is exported to.

@@ -15,9 +15,10 @@ import copy
 import torch
 from torch import Tensor
 
-from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
+from livetalk_cli.distill.context import StageContext, save_weights
 from livetalk_cli.distill.data import load_latents
 from livetalk_cli.distill.flow import FlowModel, drop_conditions, generated_mask, masked_mse, pin_reference
+from livetalk_cli.distill.markers import checkpoint_meta, mark_done, stage_done
 from livetalk_cli.distill.trainer import (
     TrainState,
     ema_update,
@@ -35,7 +36,7 @@ def run_teacher_stage(ctx: StageContext) -> None:
     st = r.teacher
     if st.checkpoint or stage_done(ctx, "teacher"):
         return
-    data = load_latents(ctx.latents_dir, r.world.train_clips)
+    data = load_latents(ctx.latents_dir, r.world.num_latent_clips)
     text = ctx.text_encoder().requires_grad_(False)
     with torch.no_grad():
         empty = text([""])
@@ -83,7 +84,7 @@ def run_teacher_stage(ctx: StageContext) -> None:
         return logs
 
     run_loop(stage="teacher", directory=ctx.out / "teacher", loop=st, state=state, ranks=ranks, step_fn=step_fn,
-             meta={"stage": "teacher"}, samples_per_step=st.batch_size,
+             meta=checkpoint_meta(ctx, "teacher"), samples_per_step=st.batch_size,
              on_progress=lambda d, t, v: ctx.progress("teacher", d, t, v))
     save_weights(ema if ema is not None else dit, ctx.out / "teacher" / "dit.safetensors", ranks)
     mark_done(ctx, "teacher", {"steps": st.steps, "ema_decay": st.ema_decay})

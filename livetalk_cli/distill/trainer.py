@@ -33,6 +33,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from livetalk_cli.distill.markers import checkpoint_matches
 from livetalk_cli.distill.recipe import LoopConfig, OptimConfig
 from livetalk_cli.errors import CheckpointError
 from livetalk_cli.files import atomic_path, save_safetensors_atomic
@@ -317,7 +318,7 @@ def run_loop(
     on_progress: ProgressFn | None = None,
 ) -> TrainState:
     """Run optimiser steps [state.step, loop.steps): log, checkpoint, resume."""
-    resumed = state.load(directory)
+    resumed = checkpoint_matches(directory, meta) and state.load(directory)  # not one made from other inputs
     if resumed:
         log.info("%s: resuming at step %d", stage, state.step)
     logger = JsonlLog(directory / "log.jsonl", state.step, ranks.main)

@@ -7,18 +7,25 @@ unconditional branch drops text and audio together (two forwards per step). The 
 4-step student's timesteps and 48 is the clean end.
 
 Shards: `trajectories/shard_00000.safetensors` with `latents` (n, K, C, F, h, w) fp16 and
-`index` (n,) clip indices into the latent set; written atomically, resumable by shard.
+`index` (n,) clip indices into the latent set, and in the metadata `made_from`, the ids of the
+teacher and latent set they come from (`markers.made_from`); written atomically, resumable by
+shard (a shard from another teacher or latent set, or with fewer samples, is made again).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from safetensors.torch import load_file
 
-from livetalk_cli.distill.context import StageContext, mark_done, stage_done
-from livetalk_cli.distill.data import LatentSet, load_latents
+from livetalk_cli.distill.context import StageContext
+from livetalk_cli.distill.data import LatentSet, load_latents, shard_header
 from livetalk_cli.distill.flow import FlowModel
+from livetalk_cli.distill.markers import INPUTS, made_from, mark_done, stage_done
 from livetalk_cli.distill.trainer import generator
+from livetalk_cli.errors import UserError
 from livetalk_cli.files import save_safetensors_atomic
 from livetalk_cli.models.text import BuiltinTextEncoder
 from livetalk_cli.sampling.teacher import teacher_sample
@@ -27,30 +34,30 @@ from livetalk_cli.sampling.teacher import teacher_sample
 def run_trajectory_stage(ctx: StageContext) -> None:
     r, ranks = ctx.recipe, ctx.ranks
     st = r.trajectories
-    if stage_done(ctx, "trajectories"):
+    if stage_done(ctx, "trajectories") and trajectories_ready(ctx) == st.num_samples:
         return
     directory = ctx.out / "trajectories"
     directory.mkdir(parents=True, exist_ok=True)
-    data = load_latents(ctx.latents_dir, r.world.train_clips)
-    if st.num_samples > len(data):
-        raise ValueError(f"trajectories.num_samples {st.num_samples} > {len(data)} training clips")
+    data = load_latents(ctx.latents_dir, r.world.num_latent_clips)
     flow = FlowModel(ctx.load_dit("teacher").eval().requires_grad_(False))
     text = ctx.text_encoder()
-    num_shards = (st.num_samples + st.shard_size - 1) // st.shard_size
+    ranges = shard_ranges(ctx)
+    num_shards = len(ranges)
     c, f, h, w = data.latents.shape[1:]
+    tag = {"made_from": _tag(ctx)}
     done = 0
-    for s in range(num_shards):
+    for s, idx in enumerate(ranges):
         path = directory / f"shard_{s:05d}.safetensors"
-        if s % ranks.world != ranks.rank or path.is_file():
+        if s % ranks.world != ranks.rank or shard_ready(ctx, path, len(idx)):
             done += 1
             continue
-        idx = list(range(s * st.shard_size, min((s + 1) * st.shard_size, st.num_samples)))
         kept = []
         for b in range(0, len(idx), st.batch_size):
             batch = idx[b: b + st.batch_size]
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.precision == torch.bfloat16):
                 kept.append(sample_batch(ctx, flow, text, data, batch, (c, f, h, w)))
-        save_safetensors_atomic({"latents": torch.cat(kept).half().contiguous(), "index": torch.tensor(idx)}, path)
+        save_safetensors_atomic({"latents": torch.cat(kept).half().contiguous(), "index": torch.tensor(list(idx))},
+                                path, metadata=tag)
         done += 1
         ctx.progress("trajectories", done, num_shards)
     ranks.barrier()
@@ -76,16 +83,43 @@ def sample_batch(ctx: StageContext, flow: FlowModel, text: BuiltinTextEncoder, d
     return torch.stack([kept[k] for k in st.keep_steps], dim=1).float().cpu()
 
 
+def shard_ranges(ctx: StageContext) -> list[range]:
+    """The clip indices of each shard: [0, num_samples) in `shard_size` pieces."""
+    st = ctx.recipe.trajectories
+    return [range(s, min(s + st.shard_size, st.num_samples)) for s in range(0, st.num_samples, st.shard_size)]
+
+
+def _tag(ctx: StageContext) -> str:
+    return json.dumps(made_from(ctx, "trajectories"), sort_keys=True)
+
+
+def shard_ready(ctx: StageContext, path: Path, rows: int) -> bool:
+    """`path` holds at least `rows` samples from the teacher and latent set there now (an untagged
+    shard, from before tags, counts as made from untagged inputs)."""
+    header = shard_header(path)
+    if header is None or header[0] < rows:
+        return False
+    untagged = json.dumps(dict.fromkeys(INPUTS["trajectories"]), sort_keys=True)
+    return header[1].get("made_from", untagged) == _tag(ctx)
+
+
+def trajectories_ready(ctx: StageContext) -> int:
+    """How many of the recipe's trajectories are there, in whole shards from the current inputs."""
+    directory = ctx.out / "trajectories"
+    return sum(len(idx) for s, idx in enumerate(shard_ranges(ctx))
+               if shard_ready(ctx, directory / f"shard_{s:05d}.safetensors", len(idx)))
+
+
 def load_trajectories(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """All shards → (latents (N, K, C, F, h, w) fp16, clip index (N,))."""
+    """The recipe's trajectories → (latents (N, K, C, F, h, w) fp16, clip index (N,))."""
     st = ctx.recipe.trajectories
     directory = ctx.out / "trajectories"
     lat, idx = [], []
-    for s in range((st.num_samples + st.shard_size - 1) // st.shard_size):
+    for s in range(len(shard_ranges(ctx))):
         path = directory / f"shard_{s:05d}.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: run the trajectories stage")
+            raise UserError(f"{path} not found: run --stage trajectories first")
         t = load_file(str(path))
         lat.append(t["latents"])
         idx.append(t["index"])
-    return torch.cat(lat), torch.cat(idx)
+    return torch.cat(lat)[: st.num_samples], torch.cat(idx)[: st.num_samples]

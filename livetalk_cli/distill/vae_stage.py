@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from livetalk_cli.distill.context import StageContext, mark_done, save_weights, stage_done
+from livetalk_cli.distill.context import StageContext, save_weights
 from livetalk_cli.distill.data import encode_world, latents_complete, mouth_map, video_tensor, world_clip
+from livetalk_cli.distill.markers import checkpoint_meta, mark_done, stage_done, stage_id
 from livetalk_cli.distill.trainer import (
     TrainState,
     generator,
@@ -102,7 +103,7 @@ def run_vae_stage(ctx: StageContext) -> None:
             return train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
 
         run_loop(stage="vae", directory=directory, loop=st, state=state, ranks=ranks, step_fn=step_fn,
-                 meta={"stage": "vae"}, samples_per_step=st.batch_size,
+                 meta=checkpoint_meta(ctx, "vae"), samples_per_step=st.batch_size,
                  on_progress=lambda d, t, v: ctx.progress("vae", d, t, v))
         stats = latent_stats(vae.eval(), ctx, st.stats_clips)
         save_weights(vae, directory / "vae.safetensors", ranks)
@@ -127,15 +128,21 @@ def latent_stats(vae: WanVAE, ctx: StageContext, num_clips: int) -> dict[str, li
 
 
 def build_latent_set(ctx: StageContext) -> None:
-    """Encode the training clips with the trained VAE (resumable by shard)."""
+    """Encode clips [0, world.num_latent_clips) with the trained VAE (resumable by shard; shards
+    from another VAE or with fewer clips are encoded again). A recipe's own `world.latents` is
+    left as it is."""
     r = ctx.recipe
+    if r.world.latents:
+        return
     directory = ctx.latents_dir
     cfg = ctx.model_config()
-    if latents_complete(directory, r.world.train_clips, reference=cfg.still_reference_latents > 0):
+    made_by = stage_id(ctx, "vae")
+    n = r.world.num_latent_clips
+    if latents_complete(directory, n, reference=cfg.still_reference_latents > 0, made_by=made_by):
         return
     vae = ctx.load_vae()
     encoder = build_audio_encoder(cfg, model_dir=None, random_weights=False, device="cpu")
-    encode_world(directory, cfg, vae, encoder, num_clips=r.world.train_clips, clip_frames=r.world.clip_frames,
+    encode_world(directory, cfg, vae, encoder, num_clips=n, clip_frames=r.world.clip_frames, made_by=made_by,
                  rank=ctx.ranks.rank, world=ctx.ranks.world,
                  on_progress=lambda d, t: ctx.progress("latents", d, t))
     ctx.ranks.barrier()
@@ -259,7 +266,7 @@ def run_decoder_stage(ctx: StageContext) -> None:
         return train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
 
     run_loop(stage="decoder", directory=directory, loop=st, state=state, ranks=ranks, step_fn=step_fn,
-             meta={"stage": "decoder"}, samples_per_step=st.batch_size,
+             meta=checkpoint_meta(ctx, "decoder"), samples_per_step=st.batch_size,
              on_progress=lambda d, t, v: ctx.progress("decoder", d, t, v))
     vae.eval().requires_grad_(False)
     after = roundtrip_lip_sync(vae, ctx, st.eval_clips) if ranks.main else float("nan")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from livetalk_cli.models.dit import Conditioning
 from livetalk_cli.runtime.stream import AvatarStream
+from livetalk_cli.runtime.threads import intra_op_threads
 
 
 def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: int = 2) -> Iterator[Tensor]:
@@ -26,13 +27,12 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
     in a worker thread up to `depth` blocks ahead, while the caller's thread decodes (on GPU, on its
     own CUDA stream), so block n+1 is denoised while block n is decoded. On CPU the caller's thread
     samples block 0 and decodes its first chunk itself first (the first frame), then the worker takes
-    over from block 0's refill. Both give identical frames. `StreamOptions.threads` sets the
-    intra-op threads of the stream's threads (on CPU) for as long as the stream runs.
+    over from block 0's refill. The intra-op threads of the stream's threads on CPU are
+    `AvatarStream.team_size` (`runtime.threads`), set for as long as the stream runs. Same
+    switches and thread counts, same frames; sequential and pipelined differ by float rounding on
+    CPU where their team sizes differ.
     """
-    caller_threads = torch.get_num_threads()
-    if stream.options.threads and stream.model.device.type == "cpu":
-        torch.set_num_threads(stream.options.threads)
-    try:
+    with intra_op_threads(stream.team_size):
         if stream.options.pipelined:
             yield from _pipelined(stream, wave, num_blocks, depth)
         else:
@@ -40,8 +40,6 @@ def stream_video(stream: AvatarStream, wave: Tensor, num_blocks: int, *, depth: 
                 x0, cond = stream.sample(wave)
                 yield from stream.decode(x0)
                 stream.refill(x0, cond)
-    finally:
-        torch.set_num_threads(caller_threads)
 
 
 def _pipelined(stream: AvatarStream, wave: Tensor, num_blocks: int, depth: int) -> Iterator[Tensor]:
@@ -60,15 +58,10 @@ def _pipelined(stream: AvatarStream, wave: Tensor, num_blocks: int, depth: int) 
                 continue
         return False
 
-    # On CPU the DiT thread and the decoding thread each get half the intra-op threads: two
-    # OpenMP teams of the full size would fight over the same cores (measured on 2 cores: 1 + 1
-    # threads beat 2 + 2 on both FPS and first-frame latency).
-    total_threads = torch.get_num_threads()
-    per_stage = max(1, total_threads // 2) if not cuda and stream.options.split_threads else total_threads
-    # On CPU the first frame comes first: block 0 is sampled and its first chunk decoded here, in
-    # order, with every thread (nothing could overlap them anyway), and the worker starts from
-    # block 0's refill. Handing block 0 to a half-size worker team cost the first frame ~60 ms on
-    # 2 cores; switching a thread's team size back and forth cost more than it saved.
+    # On CPU the DiT thread and the decoding thread (this one) each run `stream.team_size` threads
+    # (`runtime.threads`: half of them each, the first block included). The first frame comes
+    # first: block 0 is sampled and its first chunk decoded here, in order (nothing could overlap
+    # them anyway), and the worker starts from block 0's refill.
     first: tuple[Tensor, Conditioning] | None = None
     block0: Iterator[Tensor] = iter(())  # block 0's chunks, the first one already decoded
     if not cuda and num_blocks > 0:
@@ -78,7 +71,8 @@ def _pipelined(stream: AvatarStream, wave: Tensor, num_blocks: int, depth: int) 
         first_out.set()
 
     def produce() -> None:
-        torch.set_num_threads(per_stage)  # this thread's team (and the BLAS pools)
+        if stream.team_size is not None:
+            torch.set_num_threads(stream.team_size)  # this thread's team, for the thread's life
         try:
             with torch.no_grad():  # grad mode is per thread
                 if first is not None:
@@ -100,7 +94,6 @@ def _pipelined(stream: AvatarStream, wave: Tensor, num_blocks: int, depth: int) 
         except BaseException as e:  # handed to the consumer, raised there
             put(("error", e, None))
 
-    torch.set_num_threads(per_stage)
     done = stream.worker().submit(produce)
     try:
         yield from block0  # its later chunks are decoded while the worker refills and samples block 1
@@ -116,5 +109,4 @@ def _pipelined(stream: AvatarStream, wave: Tensor, num_blocks: int, depth: int) 
     finally:
         stop.set()
         done.result()  # the worker has left `produce` (its errors were handed over above)
-        torch.set_num_threads(total_threads)
 

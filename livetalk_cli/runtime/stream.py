@@ -28,6 +28,7 @@ from livetalk_cli.models.audio import frame_features, samples_per_frame, window_
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.models.vae import StillReference
 from livetalk_cli.pipeline import LoadedModel
+from livetalk_cli.runtime.threads import intra_op_threads, team_size
 from livetalk_cli.runtime.vae_stream import VAEStream
 from livetalk_cli.sampling.accel import check_cuda_graphs
 from livetalk_cli.sampling.block_sampler import BlockSampler
@@ -65,7 +66,7 @@ class StreamOptions:
     cuda_graphs: bool = False  # replay the block step from CUDA graphs (CUDA only)
     compile_backend: str = "inductor"
     split_threads: bool = True  # CPU pipeline: half the intra-op threads to the DiT, half to the decoder
-    threads: int | None = None  # CPU intra-op threads of the stream (None: torch's current setting)
+    threads: int | None = None  # CPU thread budget of the stream (None: OMP_NUM_THREADS or one per core)
 
     def label(self) -> str:
         on = [n for n, v in (("pipelined", self.pipelined), ("compile", self.compile),
@@ -94,22 +95,30 @@ class AvatarStream:
         self.spf = samples_per_frame(cfg.audio.sample_rate, cfg.fps)
         self.context_frames, self.lookahead_frames = window_frames(cfg.audio, cfg.fps)
         self.tf = cfg.vae.temporal_factor
+        # intra-op threads of each of the stream's threads (CPU; None on GPU without --threads)
+        self.team_size = team_size(options.threads, pipelined=options.pipelined, split=options.split_threads,
+                                   device=model.device)
         self.generator = torch.Generator(device=model.device)
         self.vae_dtype = next(model.vae.parameters()).dtype
         self._worker: ThreadPoolExecutor | None = None
         self.block = 0  # the next block `sample` makes
         self.decoded = 0  # blocks `decode` has consumed
 
-    @torch.no_grad()
     def start(self, image: Tensor, prompt: str, seed: int = 0) -> None:
-        """image: (3, H, W) in [-1, 1] at the preset's resolution."""
+        """image: (3, H, W) in [-1, 1] at the preset's resolution. Runs with the stream's team size
+        (the reference encode is on the way to the first frame)."""
+        with torch.no_grad(), intra_op_threads(self.team_size):
+            self._start(image, prompt, seed)
+
+    def _start(self, image: Tensor, prompt: str, seed: int) -> None:
         m = self.model
         image = image[None, :, None].to(m.device, self.vae_dtype)
         # the first block waits only for its own positions' reference latents; later blocks extend them
         self.reference = StillReference(m.vae, image, self.cfg.still_reference_latents)
         ref = self.reference.upto(self.cfg.stream.block_frames)  # (1, C, R, h, w); the sampler keeps fp32
         self.sampler.start(self._text_kv(prompt), ref if self.cfg.dit.has_reference else None)
-        self.vae_side = VAEStream(m.vae, self.cfg.stream.vae_anchor_every, self.cfg.stream.vae_anchor_history)
+        sc = self.cfg.stream
+        self.vae_side = VAEStream(m.vae, sc.vae_anchor_every, sc.vae_anchor_history, fade_latents=sc.vae_anchor_fade)
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
 

@@ -10,6 +10,12 @@ The identity anchor (`StreamConfig.vae_anchor_every`) is a cache reset plus a st
 every `anchor_every`-th block the decoder's slots go back to those after the stream's first latent
 alone (computed once, when first needed) and the last `history` latents are replayed through
 `decode_next` (frames dropped), so the decoder always has the reference frame in its history.
+
+The reset is not shown as a cut: for `fade_latents` latents after it the decoder also continues
+from the slots it had (one more decode of those latents), and the frames cross-fade linearly from
+that continuation to the anchored decode, frame j of N weighing the anchored one (j + 1) / (N + 1).
+A demo stream drifts by ~35/255 (mean |difference|) between anchors; as a cut that was a colour
+flash every 36 frames, faded over a block it is ~3/255 per frame, under the stream's own motion.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from livetalk_cli.models.vae import WanVAE
 
 
 class VAEStream:
-    def __init__(self, vae: WanVAE, anchor_every: int = 0, history: int = 2):
+    def __init__(self, vae: WanVAE, anchor_every: int = 0, history: int = 2, fade_latents: int = 0):
         self.vae, self.every, self.history = vae, anchor_every, history
+        self.fade_frames = fade_latents * vae.cfg.temporal_factor  # 0: the anchor is a cut
+        self._fade_slots: list[Tensor] | None = None  # the un-anchored decoder's slots while fading
+        self._faded = 0  # frames of the fade already emitted
         self.dtype = next(vae.parameters()).dtype
         self.slots: list[Tensor] | None = None  # the decoder's named slots after the last call
         self.first: Tensor | None = None  # the stream's first latent (the reference), for the anchor
@@ -36,6 +45,8 @@ class VAEStream:
         if self.every and self.blocks and self.blocks % self.every == 0 and self.first is not None:
             if self._anchor_slots is None:
                 self._anchor_slots = self.vae.decode_first(self.first)[1]
+            if self.fade_frames:
+                self._fade_slots, self._faded = self.slots, 0
             self.slots = self._anchor_slots  # the reset
             if self.recent is not None:
                 self.slots = self.vae.decode_next(self.recent, self.slots)[1]
@@ -50,6 +61,22 @@ class VAEStream:
             video, self.slots = self.vae.decode_first(z)
         else:
             video, self.slots = self.vae.decode_next(z, self.slots)
+            if self._fade_slots is not None:
+                video = self._cross_fade(z, video)
         if self.every and self.history:
             self.recent = (z if self.recent is None else torch.cat([self.recent, z], 2))[:, :, -self.history:]
         return video
+
+    def _cross_fade(self, z: Tensor, anchored: Tensor) -> Tensor:
+        """The anchored frames blended with the continuation of the decoder's pre-anchor slots."""
+        assert self._fade_slots is not None
+        n = min(z.shape[2], -(-(self.fade_frames - self._faded) // self.vae.cfg.temporal_factor))
+        cont, self._fade_slots = self.vae.decode_next(z[:, :, :n], self._fade_slots)
+        t = cont.shape[2]
+        j = torch.arange(self._faded, self._faded + t, device=anchored.device, dtype=anchored.dtype)
+        w = ((j + 1) / (self.fade_frames + 1)).clamp(max=1.0).view(1, 1, t, 1, 1)
+        head = cont + (anchored[:, :, :t] - cont) * w
+        self._faded += t
+        if self._faded >= self.fade_frames:
+            self._fade_slots = None
+        return torch.cat([head, anchored[:, :, t:]], dim=2)

@@ -3,6 +3,8 @@
 Each video is read with its own audio track and fps; its reference image comes from `reference`
 or from a sidecar `<video stem>.ref.png` beside it. Results are written as one JSON document
 {"videos": [...], "mean": {...}}, atomically (a temporary file renamed onto the destination).
+A video shorter than `metrics.DRIFT_MIN_S` has no drift (null); the mean's drift is over the
+videos that have one ('drift_videos' of them), null if none.
 """
 
 from __future__ import annotations
@@ -82,11 +84,17 @@ def evaluate_file(video: Path, reference: Path | None) -> dict[str, Any]:
     return result
 
 
-def mean_result(results: list[dict[str, Any]]) -> dict[str, float]:
-    """The mean of each field in MEAN_KEYS over the results (empty dict for no results)."""
+def mean_result(results: list[dict[str, Any]]) -> dict[str, float | int | None]:
+    """The mean of each field in MEAN_KEYS over the results that have it (not None), None where
+    none has it, and 'drift_videos': how many had a drift (empty dict for no results)."""
     if not results:
         return {}
-    return {k: float(np.mean([float(r[k]) for r in results])) for k in MEAN_KEYS}
+    mean: dict[str, float | int | None] = {}
+    for k in MEAN_KEYS:
+        values = [float(r[k]) for r in results if r.get(k) is not None]
+        mean[k] = float(np.mean(values)) if values else None
+    mean["drift_videos"] = sum(r.get("drift_per_min") is not None for r in results)
+    return mean
 
 
 def evaluate_files(videos: list[Path], reference: Path | None, out_json: Path | None) -> list[dict[str, Any]]:
