@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from livetalk_cli.media import read_video
+from livetalk_cli.mp4 import read_video
 
 HERE = Path(__file__).resolve().parent
 FRAMES = (0, 6, 12, 18, 24, 30, 36, 42)

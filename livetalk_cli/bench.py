@@ -259,7 +259,7 @@ def stage_times(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, pro
     with tempfile.TemporaryDirectory() as tmp:
         writer = None
         if encode:
-            from livetalk_cli.media import VideoWriter
+            from livetalk_cli.mp4 import VideoWriter
 
             writer = VideoWriter(Path(tmp) / "bench.mp4", cfg.width, cfg.height, cfg.fps, audio=wave.numpy(),
                                  sample_rate=cfg.audio.sample_rate)

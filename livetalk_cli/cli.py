@@ -1,134 +1,35 @@
 """`livetalk` command line: a thin Typer layer that parses, validates and calls library code.
 
-Exit codes: 0 success, 1 some batch job failed, 2 bad input or configuration.
+Exit codes: 0 success, 1 some batch job failed, 2 bad input or configuration, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from livetalk_cli.cli_common import (
+    CompileOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    Fit,
+    GraphsOpt,
+    PipelinedOpt,
+    PresetOpt,
+    ThreadsOpt,
+    UserError,
+    app,
+    err,
+    render_progress,
+    user_errors,
 )
-from rich.text import Text
 
-from livetalk_cli.config import PRESETS
-from livetalk_cli.errors import UserError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="LiveTalk: real-time audio-driven avatar video diffusion.",
-)
-err = Console(stderr=True)
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            typer.echo(f"livetalk {version('livetalk')}")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            typer.echo("livetalk (not installed: no version)")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-        force=True,  # each invocation (tests run several in one process) sets its own level
-    )
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """A user error is one line on stderr and exit code 2, never a traceback. Ctrl-C is one line
-    and exit code 130: every output is written to a temporary file renamed only when complete, so
-    an interrupted command leaves no partial output (finished outputs stay)."""
-    try:
-        yield
-    except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: no partial output was written (finished outputs are kept)", highlight=False)
-        raise typer.Exit(130) from None
-
-
-class RateColumn(ProgressColumn):
-    """Items per second of a task (its `unit` field names them), once there is a rate."""
-
-    def render(self, task: Task) -> Text:
-        unit = task.fields.get("unit", "")
-        if not unit or task.speed is None:
-            return Text("")
-        return Text(f"{task.speed:.1f} {'fps' if unit == 'frames' else unit + '/s'}")
-
-
-def render_progress() -> Progress:
-    return Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
-        disable=not err.is_terminal,  # piped stderr: the results' lines only
-    )
-
-
-class Fit(StrEnum):
-    crop = "crop"
-    pad = "pad"
-
-
-Preset = StrEnum("Preset", {name: name for name in PRESETS})  # type: ignore[misc]  # the choices in --help
-
-
-class DType(StrEnum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-PresetOpt = Annotated[Preset | None, typer.Option(help="Model preset. Default: the checkpoint's own.")]
-DeviceOpt = Annotated[str, typer.Option(metavar="[auto|cpu|cuda|cuda:N]", help="Where the model runs.")]
-DTypeOpt = Annotated[DType, typer.Option(help="auto: bf16 on GPU, fp32 on CPU.")]
-
-
-PipelinedOpt = Annotated[
-    bool, typer.Option("--pipelined/--sequential",
-                       help="Denoise block n+1 while block n is decoded (worker thread; CUDA stream on GPU).")
-]
-CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the block step.")]
-ThreadsOpt = Annotated[
-    int | None, typer.Option(min=1, help="CPU intra-op threads for the stream (default: torch's, one per core).")
-]
-GraphsOpt = Annotated[
-    bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the block step from CUDA graphs (CUDA only).")
-]
+__all__ = ["app", "main"]
 
 
 @app.command()
@@ -413,80 +314,7 @@ def bench(
         err.print(f"wrote {json_out}", highlight=False)
 
 
-@app.command("eval")
-def eval_cmd(
-    videos: Annotated[list[Path], typer.Argument(help="MP4 videos with their audio track.")],
-    reference: Annotated[
-        Path | None,
-        typer.Option("--reference", help="Reference image for every video. Default: <video stem>.ref.png beside it."),
-    ] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write per-video results and their mean as JSON here.")
-    ] = None,
-    csv_out: Annotated[
-        Path | None,
-        typer.Option("--csv", help="Write one CSV row per video here; '-' writes it to stdout instead of the table."),
-    ] = None,
-) -> None:
-    """Score talking-head VIDEOS against the audio they carry and a reference image.
-
-    \b
-    lip-sync: Pearson correlation of mouth opening (pixels near the mouth-interior colour) with the audio envelope.
-    offset: the frame offset of the best correlation, -8..8; positive = video lags audio.
-    identity: mean of a joint-RGB histogram distance and a 12x12 layout error vs the reference, 0..1.
-    flicker: mean absolute difference between consecutive frames, on 0..255.
-    black%, frozen%: frames with mean intensity < 10; consecutive frames differing by < 0.25 on average.
-    drift/min: slope of the per-second identity error, in error units per minute; only for videos of
-      at least 20 s (shorter: "-" in the table, null in the JSON; the mean is over those that have one).
-    The table fits the terminal (80 columns when piped, as plain text); --json and --csv keep every digit.
-    """
-    from livetalk_cli.files import write_text_atomic
-    from livetalk_cli.tables import eval_csv, print_eval
-    from livetalk_cli.world.evaluate import evaluate_files, mean_result
-
-    to_stdout = csv_out is not None and str(csv_out) == "-"
-    with user_errors():
-        if csv_out is not None and not to_stdout and not csv_out.parent.is_dir():
-            raise UserError(f"output directory does not exist: {csv_out.parent}")
-        results = evaluate_files(videos, reference, json_out)
-        if csv_out is not None and not to_stdout:
-            write_text_atomic(csv_out, eval_csv(results))
-    if to_stdout:
-        typer.echo(eval_csv(results), nl=False)
-    else:
-        print_eval(results, mean_result(results) if len(results) > 1 else None, Console())
-    for path in (json_out, None if to_stdout else csv_out):
-        if path is not None:
-            err.print(f"wrote {path}", highlight=False)
-
-
-@app.command()
-def presets() -> None:
-    """List the model presets (--preset): resolution, fps, size and streaming settings."""
-    import torch
-
-    from livetalk_cli.config import preset as get_preset
-    from livetalk_cli.models.dit import WanDiT
-
-    lines = [f"{'preset':<16} {'size':>8} {'fps':>3} {'DiT':>8} {'params':>6}  {'text':<7} {'audio':<8} stream"]
-    for name in PRESETS:
-        cfg = get_preset(name)
-        with torch.device("meta"):
-            params = sum(p.numel() for p in WanDiT(cfg.dit).parameters())
-        st = cfg.stream
-        stream = (f"{st.block_frames}/{st.num_steps} {st.sink_frames}+{st.window_frames} "
-                  f"{'rel' if st.relative_rope else 'abs'}")
-        dit = f"{cfg.dit.num_layers}x{cfg.dit.dim}"
-        audio = cfg.audio.encoder if cfg.dit.audio_dim else "-"
-        lines.append(f"{name:<16} {cfg.width:>4}x{cfg.height:<3} {cfg.fps:>3} {dit:>8} {_count(params):>6}  "
-                     f"{cfg.text_encoder:<7} {audio:<8} {stream}")
-    typer.echo("\n".join(lines))
-    typer.echo("DiT: layers x width. stream: latent frames per block / steps,\n"
-               "sink + window latent frames, RoPE positions absolute or relative.")
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+from livetalk_cli import cli_tools  # noqa: E402, F401  # registers eval and presets, listed after these
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from typing import Literal
 from livetalk_cli.errors import UserError
 from livetalk_cli.files import check_writable
 from livetalk_cli.media import load_audio, load_image
+from livetalk_cli.mp4 import read_comment
 
 MANIFEST_KEYS = {"audio", "image", "prompt", "out"}
 RECORD_TAG = "livetalk-render "  # prefix of the MP4 comment holding a render's record
@@ -131,17 +132,6 @@ def decode_record(comment: str | None) -> dict[str, str] | None:
     except json.JSONDecodeError:
         return None
     return record if isinstance(record, dict) else None
-
-
-def read_comment(path: Path) -> str | None:
-    """The MP4's `comment` tag, or None if it has none or cannot be read."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            return container.metadata.get("comment")
-    except (av.FFmpegError, OSError):
-        return None
 
 
 def _existing_output(planned_record: dict[str, str], out: Path) -> Literal["same"] | str:

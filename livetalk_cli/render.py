@@ -17,7 +17,8 @@ import torch
 
 from livetalk_cli.errors import UserError
 from livetalk_cli.jobs import PlannedJob, RenderJob, encode_record
-from livetalk_cli.media import VideoWriter, load_audio, load_audio_for_mux, load_image
+from livetalk_cli.media import load_audio, load_audio_for_mux, load_image
+from livetalk_cli.mp4 import VideoWriter
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.runtime.scheduler import stream_video
 from livetalk_cli.runtime.stream import AvatarStream, StreamOptions, blocks_for_video_frames, frames_to_uint8

@@ -13,16 +13,8 @@ import torch
 from PIL import Image
 
 from livetalk_cli.errors import MediaError
-from livetalk_cli.media import (
-    SAMPLE_RATE,
-    VideoWriter,
-    aac_bit_rate,
-    load_audio,
-    load_audio_for_mux,
-    load_image,
-    probe,
-    read_video,
-)
+from livetalk_cli.media import SAMPLE_RATE, aac_bit_rate, load_audio, load_audio_for_mux, load_image
+from livetalk_cli.mp4 import VideoWriter, probe, read_video
 
 # ---------------------------------------------------------------------------------------- helpers
 

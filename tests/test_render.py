@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from livetalk_cli.checkpoint import save_checkpoint
 from livetalk_cli.cli import app
-from livetalk_cli.media import probe, read_video
+from livetalk_cli.mp4 import probe, read_video
 from livetalk_cli.pipeline import load_model
 
 ROOT = Path(__file__).resolve().parent.parent

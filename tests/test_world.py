@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from livetalk_cli.bench_table import print_bench
 from livetalk_cli.cli import app
-from livetalk_cli.media import VideoWriter, load_audio, read_video
+from livetalk_cli.media import load_audio
+from livetalk_cli.mp4 import VideoWriter, read_video
 from livetalk_cli.tables import eval_csv, print_eval
 from livetalk_cli.world.clip import WorldClip, WorldConfig, audio_envelope, make_clip
 from livetalk_cli.world.evaluate import mean_result

@@ -18,7 +18,8 @@ from PIL import Image
 
 from livetalk_cli.errors import UserError
 from livetalk_cli.files import write_json_atomic
-from livetalk_cli.media import SAMPLE_RATE, load_audio, probe, read_video
+from livetalk_cli.media import SAMPLE_RATE, load_audio
+from livetalk_cli.mp4 import probe, read_video
 from livetalk_cli.world.metrics import evaluate_video
 
 log = logging.getLogger(__name__)
