@@ -264,7 +264,7 @@ def bench(
       is the growth, flat if within max(16 MB, 2 %).
     """
     from livetalk_cli.bench import BenchSettings, run_bench, variant_in_subprocess
-    from livetalk_cli.files import write_json_atomic
+    from livetalk_cli.files import check_output_file, write_json_atomic
     from livetalk_cli.pipeline import load_model, resolve_device
     from livetalk_cli.runtime.stream import StreamOptions
     from livetalk_cli.sampling.accel import check_cuda_graphs
@@ -276,8 +276,8 @@ def bench(
             stage_blocks=stage_blocks, compare=compare, speed_only=speed_only, background_load=background_load,
         )
         settings.validate()
-        if json_out is not None and not json_out.parent.is_dir():
-            raise UserError(f"output directory does not exist: {json_out.parent}")
+        if json_out is not None:
+            check_output_file(json_out)  # before minutes of measuring
         options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs,
                                 compile_backend=compile_backend, split_threads=split_threads, threads=threads)
         if cuda_graphs:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from livetalk_cli.cli_common import UserError, app, err, user_errors
+from livetalk_cli.cli_common import app, err, user_errors
 from livetalk_cli.config import PRESETS
 
 
@@ -39,14 +39,15 @@ def eval_cmd(
       at least 20 s (shorter: "-" in the table, null in the JSON; the mean is over those that have one).
     The table fits the terminal (80 columns when piped, as plain text); --json and --csv keep every digit.
     """
-    from livetalk_cli.files import write_text_atomic
+    from livetalk_cli.files import check_output_file, write_text_atomic
     from livetalk_cli.tables import eval_csv, print_eval
     from livetalk_cli.world.evaluate import evaluate_files, mean_result
 
     to_stdout = csv_out is not None and str(csv_out) == "-"
     with user_errors():
-        if csv_out is not None and not to_stdout and not csv_out.parent.is_dir():
-            raise UserError(f"output directory does not exist: {csv_out.parent}")
+        for path in (json_out, None if to_stdout else csv_out):
+            if path is not None:
+                check_output_file(path)  # before the videos are decoded
         results = evaluate_files(videos, reference, json_out)
         if csv_out is not None and not to_stdout:
             write_text_atomic(csv_out, eval_csv(results))

@@ -110,6 +110,15 @@ def atomic_dir(root: Path) -> Iterator[Path]:
         raise
 
 
+def check_output_file(path: Path) -> None:
+    """For an output whose folder must exist already (a report, a JSON): raise UserError now, before
+    the work that makes it, unless the file can be written there."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"output directory does not exist: {path.parent}")
+    check_writable(path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it onto `path`."""
     path = Path(path)

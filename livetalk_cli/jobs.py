@@ -138,7 +138,8 @@ def _existing_output(planned_record: dict[str, str], out: Path) -> Literal["same
     """'same' when `out` was rendered from `planned_record`, else why it may not be skipped."""
     old = decode_record(read_comment(out))
     if old is None:
-        return f"{out} exists and was not written by livetalk render: use --overwrite to replace it"
+        return (f"{out} exists and records no livetalk render inputs (another program's file, or an older "
+                "version's): use --overwrite to replace it")
     changed = sorted(k.removesuffix("_sha256") for k in planned_record if old.get(k) != planned_record[k])
     if not changed:
         return "same"

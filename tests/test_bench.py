@@ -194,6 +194,7 @@ def test_a_compare_variant_runs_in_a_fresh_process():
         (["--window", "4"], "window"),
         (["--cuda-graphs"], "CUDA"),
         (["--json", "/nonexistent/dir/b.json"], "does not exist"),
+        (["--json", "/proc/b.json"], "not writable"),  # found before any measuring
         (["--dtype", "float8"], "'float8' is not one of"),
         (["--preset", "wan9"], "'wan9' is not one of"),
     ],

@@ -351,17 +351,24 @@ def _result(name: str, seconds: float, drift_value: float | None) -> dict[str, o
             "drift_per_min": drift_value, "drift_window_s": float(int(seconds)), "drift_min_s": float(DRIFT_MIN_S)}
 
 
+def _laid_out(where: str, console, buf, whole: list[str]) -> tuple[str, list[str]]:
+    """What was printed, checked: no line over 80 columns, no box characters, every text of
+    `whole` unbroken on one line."""
+    text = _printed(console, buf)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80, (where, text)
+    assert not BOX & set(text), where
+    for needle in whole:
+        assert any(needle in line for line in lines), (where, needle, text)
+    return text, lines
+
+
 def test_eval_table_fits_80_columns_whole_names_plain_when_piped() -> None:
     names = ["speech.mp4", "speech_interview_take_07_with_a_long_descriptive_name.mp4", "a.mp4"]
     results = [_result(names[0], 5.0, None), _result(names[1], 42.0, 0.0123), _result(names[2], 30.0, -0.0042)]
     for where, console, buf in _consoles():
         print_eval(results, mean_result(results), console)
-        text = _printed(console, buf)
-        lines = text.splitlines()
-        assert max(map(len, lines)) <= 80, (where, text)
-        assert not BOX & set(text), where
-        for name in names:
-            assert any(name in line for line in lines), (where, name, text)
+        text, lines = _laid_out(where, console, buf, names)
         assert lines[0].split() == ["video", "lip-sync", "offset", "identity", "flicker", "black%", "frozen%",
                                     "drift/min"]
         short = next(line for line in lines if line.startswith("speech.mp4"))
@@ -411,11 +418,6 @@ def test_bench_notes_and_tables_fit_80_columns_and_pipes() -> None:
              "10.0-minute stream: 528 -> 532 MB, range 517-539 MB", "AMD EPYC 9654 96-Core Processor (2 threads)"]
     for where, console, buf in _consoles():
         print_bench(r, console)
-        text = _printed(console, buf)
-        lines = text.splitlines()
-        assert max(map(len, lines)) <= 80, (where, text)
-        assert not BOX & set(text), where
-        for note in whole:
-            assert any(note in line for line in lines), (where, note, text)
+        text, lines = _laid_out(where, console, buf, whole)
         fps_row = next(line for line in lines if line.startswith("steady-state FPS"))
         assert fps_row.split()[-3:] == ["43.03", "36.16", "43.82"]
