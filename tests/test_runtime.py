@@ -3,6 +3,8 @@ between turns (tiny preset, random weights, CPU)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -175,7 +177,7 @@ def test_the_demo_models_vae_anchor_is_not_a_visible_cut():
     assert cfg.stream.vae_anchor_every == 3
     seconds = 7
     wave = torch.from_numpy(synth_speech(np.random.default_rng(21), seconds * 16000).astype(np.float32))
-    image = load_image("examples/face.png", cfg.height, cfg.width)
+    image = load_image(Path(__file__).resolve().parent.parent / "examples" / "face.png", cfg.height, cfg.width)
     stream = AvatarStream(demo, StreamOptions(pipelined=False))
     stream.start(image, "", seed=21)
     n = blocks_for_video_frames(seconds * cfg.fps, cfg.stream.block_frames, stream.tf)
