@@ -84,7 +84,8 @@ def render(
         else:
             jobs = jobs_from_args(audio or [], image, prompt, out, out_dir)
         dev = resolve_device(device)
-        dt = str(resolve_dtype(dtype.value, dev)).removeprefix("torch.")
+        torch_dtype = resolve_dtype(dtype.value, dev)  # warns once (half precision on CPU)
+        dt = str(torch_dtype).removeprefix("torch.")
         if cuda_graphs:
             check_cuda_graphs(dev)
         model_id = model_identity(checkpoint=checkpoint, preset_name=preset and preset.value,
@@ -101,7 +102,7 @@ def render(
             step = progress.add_task("loading model", total=None, unit="")
             model = load_model(
                 checkpoint=checkpoint, preset_name=preset and preset.value, random_weights=random_weights,
-                device=device, dtype=dtype.value, seed=seed,
+                device=dev, dtype=torch_dtype, seed=seed,
             )
             progress.remove_task(step)
             logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)

@@ -83,13 +83,13 @@ def load_model(
     checkpoint: Path | None = None,
     preset_name: str | None = None,
     random_weights: bool = False,
-    device: str = "auto",
-    dtype: str = "auto",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
     seed: int = 0,
 ) -> LoadedModel:
     """The model to run. With neither a checkpoint nor random weights, the embedded default."""
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)  # resolved: checked already
     if checkpoint is not None and random_weights:
         raise UserError("--checkpoint and --random-weights exclude each other")
     if random_weights:
