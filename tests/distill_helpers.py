@@ -1,8 +1,10 @@
-"""The tiny distillation recipe the distill tests share."""
+"""The tiny distillation recipe the distill tests share (its run folder, `tiny_run`, and the
+`one_thread` fixture are in conftest.py)."""
 
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import yaml
@@ -44,3 +46,11 @@ def set_key(data: dict, key: str, value: object) -> dict:
         node = node.setdefault(p, {})
     node[last] = value
     return data
+
+
+def seed_run_folder(src: Path, dst: Path, *parts: str) -> Path:
+    """A run folder holding copies of earlier stages' outputs (to start a later stage directly)."""
+    dst.mkdir(parents=True)
+    for p in parts:
+        shutil.copytree(src / p, dst / p)
+    return dst
