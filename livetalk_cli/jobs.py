@@ -19,7 +19,7 @@ from typing import Literal
 
 from livetalk_cli.errors import UserError
 from livetalk_cli.files import check_writable
-from livetalk_cli.media import load_audio, load_image
+from livetalk_cli.media import check_input_file, load_audio, load_image
 from livetalk_cli.mp4 import read_comment
 
 MANIFEST_KEYS = {"audio", "image", "prompt", "out"}
@@ -170,20 +170,17 @@ def plan_jobs(
             continue
         seen[key] = i
         try:
-            if not job.audio.is_file():
-                raise UserError(f"audio file not found: {job.audio}" if not job.audio.exists()
-                                else f"audio path is not a file: {job.audio}")
+            check_input_file(job.audio, "audio")  # before it is hashed for the record
             load_image(job.image, 8, 8)
             rec = record(job)
-            skip = False
-            if job.out.exists() and not overwrite:
-                if job.out.is_dir():
-                    raise UserError(f"output {job.out} is a folder")
+            if job.out.is_dir():
+                raise UserError(f"output {job.out} is a folder")
+            skip = job.out.exists() and not overwrite
+            if skip:
                 state = _existing_output(rec, job.out)
                 if state != "same":
                     raise UserError(state)
-                skip = True
-            if not skip:
+            else:
                 load_audio(job.audio)  # decodes: a corrupt file is found now, not after the model loads
                 check_writable(job.out)
             planned.append(PlannedJob(job, rec, skip))

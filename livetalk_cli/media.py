@@ -38,7 +38,7 @@ _MAX_TRIM_S = 0.15
 _AV_ERRORS = (av.FFmpegError, OSError, EOFError)
 
 
-def _check_input_file(path: str | Path, kind: str) -> Path:
+def check_input_file(path: str | Path, kind: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise MediaError(f"{kind} file not found: {p}")
@@ -121,7 +121,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    audio, _, _ = _decode_audio(_check_input_file(path, "audio"), sample_rate)
+    audio, _, _ = _decode_audio(check_input_file(path, "audio"), sample_rate)
     return np.clip(audio.mean(axis=0), -1.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -134,7 +134,7 @@ def load_audio_for_mux(path: str | Path) -> MuxAudio:
     Raises:
         MediaError: as `load_audio`.
     """
-    audio, rate, layout = _decode_audio(_check_input_file(path, "audio"), None)
+    audio, rate, layout = _decode_audio(check_input_file(path, "audio"), None)
     if layout == f"{audio.shape[0]} channels":  # no channel order declared (e.g. a plain WAV)
         layout = av.AudioLayout(f"{audio.shape[0]}c").name  # FFmpeg's default: mono, stereo, 5.1, ...
     return MuxAudio(np.ascontiguousarray(np.clip(audio, -1.0, 1.0).T), rate, layout)
@@ -195,7 +195,7 @@ def load_image(
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     if fit not in ("crop", "pad"):
         raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
-    p = _check_input_file(path, "image")
+    p = check_input_file(path, "image")
     try:
         with Image.open(p) as im:
             im.load()

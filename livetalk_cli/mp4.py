@@ -27,10 +27,10 @@ from livetalk_cli.media import (
     _AV_ERRORS,
     MAX_CHANNELS,
     SAMPLE_RATE,
-    _check_input_file,
     _convert_audio,
     _one_line,
     aac_bit_rate,
+    check_input_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def probe(path: str | Path) -> dict[str, Any]:
     'audio': {'codec', 'sample_rate', 'channels', 'layout', 'bit_rate', 'duration'} | None,
     'format_duration', 'faststart'}.
     """
-    p = _check_input_file(path, "video")
+    p = check_input_file(path, "video")
     try:
         with av.open(str(p)) as container:
             vs = container.streams.video[0] if container.streams.video else None
@@ -357,7 +357,7 @@ def probe(path: str | Path) -> dict[str, Any]:
 
 def read_video(path: str | Path) -> np.ndarray:
     """Decode every frame of the first video stream to uint8 RGB, shape (N, H, W, 3)."""
-    p = _check_input_file(path, "video")
+    p = check_input_file(path, "video")
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:

@@ -70,11 +70,11 @@ class VAEStream:
     def _cross_fade(self, z: Tensor, anchored: Tensor) -> Tensor:
         """The anchored frames blended with the continuation of the decoder's pre-anchor slots."""
         assert self._fade_slots is not None
-        n = min(z.shape[2], -(-(self.fade_frames - self._faded) // self.vae.cfg.temporal_factor))
+        n = min(z.shape[2], (self.fade_frames - self._faded) // self.vae.cfg.temporal_factor)  # latents left
         cont, self._fade_slots = self.vae.decode_next(z[:, :, :n], self._fade_slots)
         t = cont.shape[2]
         j = torch.arange(self._faded, self._faded + t, device=anchored.device, dtype=anchored.dtype)
-        w = ((j + 1) / (self.fade_frames + 1)).clamp(max=1.0).view(1, 1, t, 1, 1)
+        w = ((j + 1) / (self.fade_frames + 1)).view(1, 1, t, 1, 1)
         head = cont + (anchored[:, :, :t] - cont) * w
         self._faded += t
         if self._faded >= self.fade_frames:
