@@ -36,7 +36,7 @@ def eval_cmd(
     flicker: mean absolute difference between consecutive frames, on 0..255.
     black%, frozen%: frames with mean intensity < 10; consecutive frames differing by < 0.25 on average.
     drift/min: slope of the per-second identity error, in error units per minute; only for videos of
-      at least 20 s (shorter: "-" in the table, null in the JSON; the mean is over those that have one).
+      at least 20 s (shorter: "–" in the table, null in the JSON; the mean is over those that have one).
     The table fits the terminal (80 columns when piped, as plain text); --json and --csv keep every digit.
     """
     from livetalk_cli.files import check_output_file, write_text_atomic
