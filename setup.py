@@ -20,9 +20,12 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "tokenizers>=0.19"],
+        # the suite exports and runs ONNX engines (tests/test_export.py)
+        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "tokenizers>=0.19",
+                 "onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5"],
         "transformers": ["transformers>=4.45", "tokenizers>=0.19"],
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        # torch.onnx.export(dynamo=True) needs onnxscript; tested with onnx 1.23, onnxruntime 1.32, onnxscript 0.7
+        "onnx": ["onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5"],
         "tensorrt": ["tensorrt>=10.0"],
         "serving": ["fastapi>=0.110", "uvicorn>=0.29"],
     },

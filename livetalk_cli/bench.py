@@ -376,7 +376,8 @@ def variants(base: StreamOptions, device: torch.device) -> list[StreamOptions]:
     return out
 
 
-def variant_in_subprocess(args: list[str], options: StreamOptions) -> dict[str, Any]:
+def variant_in_subprocess(args: list[str], options: StreamOptions, engine_backend: str | None = None
+                          ) -> dict[str, Any]:
     """FPS and first-frame latency of one set of switches, measured by `livetalk bench ARGS --speed-only`
     in a fresh process: threads, compile caches and allocator state of one variant must not leak
     into the next (on CPU a second thread's OpenMP team slowed later sequential runs by ~20 %)."""
@@ -385,24 +386,29 @@ def variant_in_subprocess(args: list[str], options: StreamOptions) -> dict[str, 
              "--cuda-graphs" if options.cuda_graphs else "--no-cuda-graphs",
              "--split-threads" if options.split_threads else "--no-split-threads",
              *(["--threads", str(options.threads)] if options.threads else []),
-             "--compile-backend", options.compile_backend]
+             "--compile-backend", options.compile_backend,
+             *(["--engine-backend", engine_backend] if engine_backend else [])]
+    label = options.label() + (f" + engine {engine_backend}" if engine_backend else "")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "variant.json"
         cmd = [sys.executable, "-m", "livetalk_cli", "bench", *args, *flags, "--speed-only", "--json", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"bench variant '{options.label()}' failed: {last}")
+            raise UserError(f"bench variant '{label}' failed: {last}")
         r = json.loads(out.read_text())
-    return {"options": options.label(), "fps": r["fps"], "first_frame_s": r["first_frame_s"]}
+    return {"options": label, "fps": r["fps"], "first_frame_s": r["first_frame_s"]}
 
 
 def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
               on_status: Callable[[str], None] | None = None,
               on_progress: Callable[[int, int], None] | None = None,
-              run_variant: Callable[[StreamOptions], dict[str, Any]] | None = None) -> dict[str, Any]:
+              run_variant: Callable[[StreamOptions, str | None], dict[str, Any]] | None = None,
+              engine_variants: list[str] | None = None) -> dict[str, Any]:
     """Every figure of `livetalk bench` as one JSON-able dict. `--compare` rows come from
-    `run_variant` (the CLI: `variant_in_subprocess`)."""
+    `run_variant(options, engine backend)` (the CLI: `variant_in_subprocess`): the switches, then
+    with `--engine` one row per backend in `engine_variants`. Stage times and FLOPs are the eager
+    model's (an engine's inside is not visible to hooks or counters)."""
     s.validate()
     model = configure(model, s)
     cfg, device = model.cfg, model.device
@@ -434,6 +440,9 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
         },
         "reference": LIVETALK_REFERENCE,
     }
+    if model.engines is not None:
+        e = model.engines
+        result["engine"] = {"path": str(e.path), "dit": e.dit_backend, "vae": e.vae_backend}
     status(f"measuring {options.label()}: first frame and steady-state FPS")
     main = measure_variant(model, options, wave, image, prompt, s)
     result["fps"], result["first_frame_s"] = main["fps"], main["first_frame_s"]
@@ -451,10 +460,11 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
         }
     if s.speed_only:
         return result
+    eager = dataclasses.replace(model, engines=None)
     status("per-stage times (sequential, eager, synchronised)")
-    result["stages_s"] = stage_times(model, wave, image, prompt, s)
+    result["stages_s"] = stage_times(eager, wave, image, prompt, s)
     status("FLOPs and the device's matmul rate")
-    fl = flops(model, wave, image, prompt)
+    fl = flops(eager, wave, image, prompt)
     rate = matmul_rate(device, model.dtype)
     per_frame = fl["dit_per_frame"] + fl["vae_decode_per_frame"]
     result["flops"] = {**fl, "matmul_flop_per_s": rate, "floor_fps": rate / per_frame,
@@ -465,7 +475,11 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
         rows = []
         for v in variants(options, device):
             status(f"comparing: {v.label()} (a fresh process)")
-            rows.append(run_variant(v))
+            rows.append(run_variant(v, None))
+        for spec in engine_variants or []:
+            v = dataclasses.replace(options, compile=False, cuda_graphs=False)
+            status(f"comparing: {v.label()} + engine {spec} (a fresh process)")
+            rows.append(run_variant(v, spec))
         base = rows[0]
         for r in rows:
             r["fps_gain"] = r["fps"]["median"] / base["fps"]["median"]

@@ -17,6 +17,8 @@ from livetalk_cli.cli_common import (
     DeviceOpt,
     DType,
     DTypeOpt,
+    EngineBackendOpt,
+    EngineOpt,
     Fit,
     GraphsOpt,
     PipelinedOpt,
@@ -64,12 +66,15 @@ def render(
     compile: CompileOpt = False,
     cuda_graphs: GraphsOpt = False,
     threads: ThreadsOpt = None,
+    engine: EngineOpt = None,
+    engine_backend: EngineBackendOpt = "auto",
 ) -> None:
     """Render AUDIO files (+ a reference image and a prompt) into MP4 videos with the audio muxed in.
 
     Every job's inputs are checked before the model loads. An output that exists is skipped when
     it was made from the same inputs (a batch resumes); otherwise --overwrite is needed.
     """
+    from livetalk_cli.export.load import check_engine_args
     from livetalk_cli.jobs import job_record, jobs_from_args, plan_jobs, read_manifest
     from livetalk_cli.pipeline import load_model, model_identity, resolve_device, resolve_dtype
     from livetalk_cli.render import JobResult, RenderJob, render_batch
@@ -88,8 +93,12 @@ def render(
         dt = str(torch_dtype).removeprefix("torch.")
         if cuda_graphs:
             check_cuda_graphs(dev)
+        if engine is not None:
+            check_engine_args(engine, engine_backend, compile=compile, cuda_graphs=cuda_graphs)
         model_id = model_identity(checkpoint=checkpoint, preset_name=preset and preset.value,
                                   random_weights=random_weights, seed=seed)
+        if engine is not None:  # an engine's frames differ from eager's by rounding: not the same output
+            model_id += f"+engine:{engine.resolve()}:{engine_backend}"
         step = progress.add_task("checking inputs", total=len(jobs), unit="jobs")
         planned = plan_jobs(
             jobs, record=lambda job: job_record(job, model=model_id, seed=seed, fit=fit.value, dtype=dt),
@@ -104,6 +113,10 @@ def render(
                 checkpoint=checkpoint, preset_name=preset and preset.value, random_weights=random_weights,
                 device=dev, dtype=torch_dtype, seed=seed,
             )
+            if engine is not None:
+                from livetalk_cli.export.load import load_engines
+
+                model.engines = load_engines(model, engine, engine_backend)
             progress.remove_task(step)
             logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)
 
@@ -244,6 +257,8 @@ def bench(
         int, typer.Option(help="Also measure FPS and the first frame beside N busy processes (one core each).")
     ] = 0,
     speed_only: Annotated[bool, typer.Option("--speed-only", hidden=True)] = False,
+    engine: EngineOpt = None,
+    engine_backend: EngineBackendOpt = "auto",
 ) -> None:
     """Measure steady-state FPS, first-frame latency, per-stage times, memory and the FLOP floor.
 
@@ -263,8 +278,11 @@ def bench(
     Memory: CUDA allocated bytes on GPU, resident set on CPU, after every block of a --stream-minutes
       stream; after the first 10 %, the median of the last quarter minus that of the first quarter
       is the growth, flat if within max(16 MB, 2 %).
+    Engines: with --engine the streams run the exported components (--engine-backend); --compare
+      adds a row per backend found (each side alone, then both).
     """
-    from livetalk_cli.bench import BenchSettings, run_bench, variant_in_subprocess
+    from livetalk_cli.bench import BenchSettings, configure, run_bench, variant_in_subprocess
+    from livetalk_cli.export.load import check_engine_args, engine_variants, load_engines
     from livetalk_cli.files import check_output_file, write_json_atomic
     from livetalk_cli.pipeline import load_model, resolve_device
     from livetalk_cli.runtime.stream import StreamOptions
@@ -283,12 +301,19 @@ def bench(
                                 compile_backend=compile_backend, split_threads=split_threads, threads=threads)
         if cuda_graphs:
             check_cuda_graphs(resolve_device(device))
+        if engine is not None:
+            check_engine_args(engine, engine_backend, compile=compile, cuda_graphs=cuda_graphs)
         if threads:  # every figure of this process (stage times, FLOP probe, streams) with that many
             import torch
 
             torch.set_num_threads(threads)
         model = load_model(checkpoint=checkpoint, preset_name=preset and preset.value,
                            random_weights=random_weights, device=device, dtype=dtype.value, seed=seed)
+        specs: list[str] = []
+        if engine is not None:
+            model = configure(model, settings)  # the engine must match the benched shapes
+            model.engines = load_engines(model, engine, engine_backend)
+            specs = engine_variants(model, engine) if compare else []
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("bench", total=None)
@@ -304,7 +329,9 @@ def bench(
                 model, options, settings,
                 on_status=lambda text: progress.update(task, description=text, completed=0, total=None),
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-                run_variant=lambda v: variant_in_subprocess(same_model, v),
+                run_variant=lambda v, spec: variant_in_subprocess(
+                    [*same_model, *(["--engine", str(engine)] if spec else [])], v, spec),
+                engine_variants=specs,
             )
         if json_out is not None:
             write_json_atomic(json_out, result)
@@ -315,7 +342,7 @@ def bench(
         err.print(f"wrote {json_out}", highlight=False)
 
 
-from livetalk_cli import cli_tools  # noqa: E402, F401  # registers eval and presets, listed after these
+from livetalk_cli import cli_export, cli_tools  # noqa: E402, F401  # export, eval, presets: listed after these
 
 
 def main() -> None:

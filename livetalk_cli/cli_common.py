@@ -11,11 +11,13 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -74,7 +76,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted: no partial output was written (finished outputs are kept)", highlight=False)
@@ -129,4 +131,15 @@ ThreadsOpt = Annotated[
 ]
 GraphsOpt = Annotated[
     bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the block step from CUDA graphs (CUDA only).")
+]
+EngineOpt = Annotated[
+    Path | None,
+    typer.Option("--engine", help="Run exported components from this folder (`livetalk export`'s engines/<model>-"
+                                  "<hash>/, or engines/ itself); checked against the model's weights and settings."),
+]
+EngineBackendOpt = Annotated[
+    str,
+    typer.Option("--engine-backend", metavar="auto|onnx|aoti|trt|eager|dit=X,vae=Y",
+                 help="With --engine: which build runs each side (auto: TensorRT > AOTInductor > ONNX Runtime on "
+                      "CUDA; on a CPU the DiT on AOTInductor or ONNX Runtime and the VAE eager)."),
 ]

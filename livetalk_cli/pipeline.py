@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from livetalk_cli.models.audio import AudioFeatureEncoder, build_audio_encoder
 from livetalk_cli.models.dit import WanDiT
 from livetalk_cli.models.text import BuiltinTextEncoder, TextEncoder, build_text_encoder
 from livetalk_cli.models.vae import WanVAE
+
+if TYPE_CHECKING:
+    from livetalk_cli.export.runtime import EngineSet
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str
+    engines: EngineSet | None = None  # exported components in place of the eager DiT passes / decoder
 
 
 def resolve_device(name: str) -> torch.device:

@@ -158,7 +158,8 @@ def test_bench_compare_and_overrides(model):
                              stream_minutes=0, compare=True)
     seen: list[str] = []
 
-    def in_process(v: StreamOptions) -> dict:
+    def in_process(v: StreamOptions, engine_backend: str | None) -> dict:
+        assert engine_backend is None  # no --engine: the switches only
         seen.append(v.label())
         m = configure(model, settings)
         wave, image = inputs(m, seconds=12.0)

@@ -88,7 +88,11 @@ class AvatarStream:
         if cuda_graphs:
             check_cuda_graphs(model.device)
         self.model, self.cfg = model, cfg
-        self.sampler = BlockSampler(model.dit, cfg, device=model.device)
+        engines = model.engines
+        if engines is not None and (compile or cuda_graphs):
+            raise UserError("--engine runs exported components: --compile and --cuda-graphs apply to eager only")
+        passes = engines.passes if engines is not None else None
+        self.sampler = BlockSampler(model.dit, cfg, device=model.device, passes=passes)
         if compile or cuda_graphs:
             self.sampler.accelerate(compile=compile, cuda_graphs=cuda_graphs, backend=options.compile_backend)
         self.options = options
@@ -118,7 +122,9 @@ class AvatarStream:
         ref = self.reference.upto(self.cfg.stream.block_frames)  # (1, C, R, h, w); the sampler keeps fp32
         self.sampler.start(self._text_kv(prompt), ref if self.cfg.dit.has_reference else None)
         sc = self.cfg.stream
-        self.vae_side = VAEStream(m.vae, sc.vae_anchor_every, sc.vae_anchor_history, fade_latents=sc.vae_anchor_fade)
+        decoder = m.engines.decoder if m.engines is not None and m.engines.decoder is not None else m.vae
+        self.vae_side = VAEStream(decoder, sc.vae_anchor_every, sc.vae_anchor_history,
+                                  fade_latents=sc.vae_anchor_fade, dtype=self.vae_dtype)
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
 

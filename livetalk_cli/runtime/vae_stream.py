@@ -20,19 +20,34 @@ flash every 36 frames, faded over a block it is ~3/255 per frame, under the stre
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
+from livetalk_cli.config import VAEConfig
 from livetalk_cli.models.vae import WanVAE
 
 
+class StreamingDecoder(Protocol):
+    """The decoder's engine contract (`WanVAE`, or exported engines: `export/runtime.EngineDecoder`)."""
+
+    cfg: VAEConfig
+
+    def decode_first(self, z: Tensor) -> tuple[Tensor, list[Tensor]]: ...
+
+    def decode_next(self, z: Tensor, slots: list[Tensor]) -> tuple[Tensor, list[Tensor]]: ...
+
+
 class VAEStream:
-    def __init__(self, vae: WanVAE, anchor_every: int = 0, history: int = 2, fade_latents: int = 0):
+    def __init__(self, vae: WanVAE | StreamingDecoder, anchor_every: int = 0, history: int = 2,
+                 fade_latents: int = 0, dtype: torch.dtype | None = None):
         self.vae, self.every, self.history = vae, anchor_every, history
         self.fade_frames = fade_latents * vae.cfg.temporal_factor  # 0: the anchor is a cut
         self._fade_slots: list[Tensor] | None = None  # the un-anchored decoder's slots while fading
         self._faded = 0  # frames of the fade already emitted
-        self.dtype = next(vae.parameters()).dtype
+        # the latents' dtype: the module's, or given (an engine has no parameters)
+        self.dtype = dtype if dtype is not None else next(vae.parameters()).dtype  # type: ignore[union-attr]
         self.slots: list[Tensor] | None = None  # the decoder's named slots after the last call
         self.first: Tensor | None = None  # the stream's first latent (the reference), for the anchor
         self._anchor_slots: list[Tensor] | None = None  # the slots after `first` alone

@@ -8,6 +8,8 @@ In block 0 the first latent frame is the reference image's latent, pinned at eve
 `KVWindow`), tensors out (flow, the block's K/V); it writes nothing. `denoise`, `refill` and
 `block_step` are the host loop over it, written once: `BlockSampler` (render, bench, serving)
 and DMD's rollout both run them, and `BlockKVCache.commit` stores the block between blocks.
+An exported engine (`export/runtime.EnginePasses`) runs the same two passes in place of the eager
+DiT: the host loop is the same.
 `block_step` is the hot path: static shapes, no host syncs, so it compiles with
 `torch.compile(fullgraph=True)`. Everything that changes between blocks (conditioning, the pin
 mask) enters as tensors of fixed shape.
@@ -16,6 +18,8 @@ Legend: B batch, C latent channels, f block frames, h/w latent size, K steps.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -45,8 +49,29 @@ def dit_pass(dit: WanDiT, x: Tensor, t: Tensor, cond: Conditioning, window: KVWi
     return v, k_blk, v_blk
 
 
+class PassRunner(Protocol):
+    """The DiT's two passes run by something other than the eager module (an exported engine)."""
+
+    def denoise_pass(self, x: Tensor, t: Tensor, cond: Conditioning, window: KVWindow) -> Tensor:
+        """The flow of one denoising pass."""
+        ...
+
+    def refill_pass(self, x: Tensor, t: Tensor, cond: Conditioning, window: KVWindow) -> tuple[Tensor, Tensor]:
+        """The block's K (pre-RoPE) and V from the t = 0 pass."""
+        ...
+
+
+DiTRunner = WanDiT | PassRunner
+
+
+def _flow(dit: DiTRunner, x: Tensor, t: Tensor, cond: Conditioning, window: KVWindow) -> Tensor:
+    if isinstance(dit, WanDiT):
+        return dit_pass(dit, x, t, cond, window)[0]
+    return dit.denoise_pass(x, t, cond, window)
+
+
 def denoise(
-    dit: WanDiT,
+    dit: DiTRunner,
     window: KVWindow,
     noise: Tensor,
     sigmas: Tensor,
@@ -67,7 +92,7 @@ def denoise(
 
     def step(x: Tensor, i: int) -> Tensor:
         x = pin_frames(x, ref, pin)
-        v = dit_pass(dit, x, (sigmas[i] * 1000).expand(b, f), cond, window)[0]
+        v = _flow(dit, x, (sigmas[i] * 1000).expand(b, f), cond, window)
         return pin_frames(x - sigmas[i] * v, ref, pin)
 
     x = x0 = noise[0]
@@ -82,16 +107,19 @@ def denoise(
     return x0
 
 
-def refill(dit: WanDiT, window: KVWindow, x0: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
+def refill(dit: DiTRunner, window: KVWindow, x0: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
     """The t = 0 pass over the clean block: its K/V, for `BlockKVCache.commit`."""
     b, _, f = x0.shape[:3]
-    _, k_blk, v_blk = dit_pass(dit, x0, torch.zeros(b, f, device=x0.device), cond, window, keep_kv=True)
+    t = torch.zeros(b, f, device=x0.device)
+    if not isinstance(dit, WanDiT):
+        return dit.refill_pass(x0, t, cond, window)
+    _, k_blk, v_blk = dit_pass(dit, x0, t, cond, window, keep_kv=True)
     assert k_blk is not None and v_blk is not None
     return k_blk, v_blk
 
 
 def block_step(
-    dit: WanDiT,
+    dit: DiTRunner,
     window: KVWindow,
     noise: Tensor,
     sigmas: Tensor,
@@ -106,10 +134,14 @@ def block_step(
 
 
 class BlockSampler:
-    """Streams blocks of latents: `start()` once per stream, then `denoise_block()` per block."""
+    """Streams blocks of latents: `start()` once per stream, then `denoise_block()` per block.
+    `passes`: run the DiT's passes through an exported engine instead of `dit` (which still
+    fixes the cache's dtype)."""
 
-    def __init__(self, dit: WanDiT, cfg: ModelConfig, *, batch: int = 1, device: torch.device | str = "cpu"):
+    def __init__(self, dit: WanDiT, cfg: ModelConfig, *, batch: int = 1, device: torch.device | str = "cpu",
+                 passes: PassRunner | None = None):
         self.dit, self.cfg = dit, cfg
+        self.runner: DiTRunner = dit if passes is None else passes
         self.device = torch.device(device)
         dtype = next(dit.parameters()).dtype
         h, w = cfg.latent_hw
@@ -177,7 +209,7 @@ class BlockSampler:
         """noise: (K, B, C, f, h, w); audio: (num_audio_layers, B, f, D) or None → x0 (B, C, f, h, w).
         Denoise, refill and commit: the next call continues the stream."""
         cond, pin = self._block_inputs(audio)
-        x0, k_blk, v_blk = self.step(self.dit, self.cache.window(), noise, self.sigmas, cond, self.ref, pin)
+        x0, k_blk, v_blk = self.step(self.runner, self.cache.window(), noise, self.sigmas, cond, self.ref, pin)
         self._commit(k_blk, v_blk)
         return x0
 
@@ -185,11 +217,11 @@ class BlockSampler:
         """First half of `denoise_block`: x0 and the conditioning `refill` needs. The frames can be
         decoded before the refill runs (first-frame latency, decode/DiT overlap)."""
         cond, pin = self._block_inputs(audio)
-        return self.denoise_fn(self.dit, self.cache.window(), noise, self.sigmas, cond, self.ref, pin), cond
+        return self.denoise_fn(self.runner, self.cache.window(), noise, self.sigmas, cond, self.ref, pin), cond
 
     def refill(self, x0: Tensor, cond: Conditioning) -> None:
         """Second half: the block's clean K/V, committed to the cache."""
-        self._commit(*self.refill_fn(self.dit, self.cache.window(), x0, cond))
+        self._commit(*self.refill_fn(self.runner, self.cache.window(), x0, cond))
 
     def _commit(self, k_blk: Tensor, v_blk: Tensor) -> None:
         self.cache.commit(k_blk, v_blk)
