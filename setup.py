@@ -22,11 +22,13 @@ setup(
     extras_require={
         # the suite exports and runs ONNX engines (tests/test_export.py)
         "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "tokenizers>=0.19",
-                 "onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5"],
+                 "onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5", "tensorrt-rtx>=1.7"],
         "transformers": ["transformers>=4.45", "tokenizers>=0.19"],
         # torch.onnx.export(dynamo=True) needs onnxscript; tested with onnx 1.23, onnxruntime 1.32, onnxscript 0.7
         "onnx": ["onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5"],
-        "tensorrt": ["tensorrt>=10.0"],
+        "tensorrt": ["tensorrt>=10.0"],  # full TensorRT 10/11 (GPU machines)
+        # builds plans without a GPU (SM 75-121, not 90); the suite builds the tiny and demo components with it
+        "tensorrt-rtx": ["tensorrt-rtx>=1.7"],
         "serving": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
     entry_points={"console_scripts": ["livetalk=livetalk_cli.cli:main"]},

@@ -35,10 +35,9 @@ def export_cmd(
         typer.Option(help="Only these components (dit_denoise, dit_refill, vae_first, vae_step); repeatable."),
     ] = None,
     trt_sm: Annotated[
-        str | None,
-        typer.Option(help="GPU compute capability to build TensorRT plans for, e.g. 89 (default: this GPU's; "
-                          "TensorRT-RTX builds without a GPU and defaults to 89)."),
-    ] = None,
+        str, typer.Option(help="GPU compute capability TensorRT-RTX builds for without a GPU (75, 80, 86, 89, "
+                               "120, 121). Full TensorRT always builds for this machine's GPU."),
+    ] = "89",
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     force: Annotated[bool, typer.Option("--force", help="Rebuild artifacts that are up to date.")] = False,
@@ -60,8 +59,6 @@ def export_cmd(
         bad = [c for c in component or [] if c not in COMPONENTS]
         if bad:
             raise UserError(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
-        if "trt-rtx" in fmts and trt_sm is None:
-            trt_sm = "89"
         check_writable(out / ".probe")  # before the model loads
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype.value, dev)

@@ -134,15 +134,25 @@ def test_onnx_decoder_equals_eager_chunk_by_chunk(tiny, tiny_engines):
     assert len(slots) == len(vae.decoder_slot_names())
 
 
-def test_render_with_onnx_engines_equals_eager_frame_by_frame(tmp_path):
+@pytest.fixture(scope="module")
+def demo_engines(tmp_path_factory) -> Path:
+    """The embedded demo model's components as ONNX, and as TensorRT-RTX plans where it is installed."""
+    import importlib.util
+
+    root = tmp_path_factory.mktemp("demo-engines")
+    fmts = "onnx,trt-rtx" if importlib.util.find_spec("tensorrt_rtx") else "onnx"
+    with intra_op_threads(1):
+        res = export("--out", str(root), "--device", "cpu", "--format", fmts)
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def test_render_with_onnx_engines_equals_eager_frame_by_frame(tmp_path, demo_engines):
     """The demo model on the example (5 s: the ring wraps, the VAE anchor and its fade run): every
     frame within 1/255 of the eager render's (the engines' float rounding differs from eager's)."""
     model = load_model(device="cpu")
-    with intra_op_threads(1):
-        res = export("--out", str(tmp_path), "--device", "cpu")
-    assert res.exit_code == 0, res.output
     eager = stream_frames(model)
-    model.engines = load_engines(model, tmp_path, "onnx")
+    model.engines = load_engines(model, demo_engines, "onnx")
     assert (model.engines.dit_backend, model.engines.vae_backend) == ("onnx", "onnx")
     engine = stream_frames(model)
     assert engine.shape == eager.shape == (80, 96, 96, 3)
@@ -152,9 +162,21 @@ def test_render_with_onnx_engines_equals_eager_frame_by_frame(tmp_path):
     # the CLI: render --engine writes the video (the demo's engines, found under the root folder)
     out = tmp_path / "o.mp4"
     res = runner.invoke(app, ["render", str(SPEECH), "--image", str(FACE), "--out", str(out), "--engine",
-                              str(tmp_path), "--engine-backend", "dit=onnx,vae=eager", "--threads", "1"])
+                              str(demo_engines), "--engine-backend", "dit=onnx,vae=eager", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert out.stat().st_size > 10_000
+
+
+def test_demo_components_build_as_tensorrt_rtx_plans(demo_engines):
+    """Building is the proof TensorRT accepts the ONNX files (an RTX GPU is needed to run them)."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed: pip install 'livetalk[tensorrt-rtx]'")
+    (folder,) = demo_engines.iterdir()
+    for name in COMPONENTS:
+        entry = json.loads((folder / name / "manifest.json").read_text())["artifacts"]["trt-rtx"]
+        plan = folder / name / entry["file"]
+        assert plan.name.startswith("engine_trtrtx") and plan.name.endswith("_sm89.plan")
+        assert plan.stat().st_size == entry["bytes"] > 1_000_000
+        assert entry["parity"] is None and "RTX GPUs" in entry["parity_note"]
 
 
 def test_export_is_skipped_when_up_to_date_and_force_rebuilds(tiny_engines):

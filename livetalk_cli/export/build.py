@@ -109,8 +109,9 @@ def _build_one(fmt: str, comp: Component, tmp: Path, reference: tuple[torch.Tens
     else:
         from livetalk_cli.export import tensorrt
 
-        plan = tensorrt.build_plan(tmp / "model.onnx", c, tmp, flavor=fmt, sm=trt_sm,
-                                   timing_cache=tmp / "timing.cache")
+        # full TensorRT builds for this GPU; TensorRT-RTX for `trt_sm` (no GPU needed)
+        plan = tensorrt.build_plan(tmp / "model.onnx", c, tmp, flavor=fmt, sm=trt_sm if fmt == "trt-rtx" else None,
+                                   timing_cache=tmp.parent / "timing.cache")  # the model folder's
         seconds = time.perf_counter() - t0
         version = tensorrt.trt_version(fmt)
         entry = {"file": plan.name, "version": version, "sm": plan.stem.rsplit("_sm", 1)[1]}
@@ -176,12 +177,9 @@ def export_model(
         artifacts: dict[str, Any] = dict(kept)
         try:
             with atomic_dir(target) as tmp:
-                for f in {kept[k]["file"] for k in kept} | ({"model.onnx"} if "onnx" in kept else set()):
-                    _link_or_copy(target / f, tmp / f)
-                if "onnx" in kept and (target / "model.onnx.data").is_file():
-                    _link_or_copy(target / "model.onnx.data", tmp / "model.onnx.data")
-                if (target / "timing.cache").is_file():
-                    shutil.copy2(target / "timing.cache", tmp / "timing.cache")
+                for f in [kept[k]["file"] for k in kept] + (["model.onnx.data"] if "onnx" in kept else []):
+                    if (target / f).is_file():  # ONNX weights over 2 GB live beside the graph
+                        _link_or_copy(target / f, tmp / f)
                 for fmt in todo:
                     on_status(f"{name}: {fmt}")
                     log.info("exporting %s as %s", name, fmt)

@@ -5,7 +5,7 @@
                         artifact its file, size, build time and the parity measured right after it
         model.onnx      ONNX (opset 20)              model.pt2   AOTInductor package
         engine_trt<version>_sm<cc>.plan              TensorRT (-RTX: engine_trtrtx…) plans
-        timing.cache    TensorRT timing cache
+    engines/<model>-<weights hash>/timing.cache      full TensorRT's timing cache, shared by the components
 
 An engine runs only for the model it was built from: same preset, config (and so shapes), dtype
 and weights (a SHA-256 of every DiT and VAE tensor, in name order). Anything else is one line
