@@ -388,7 +388,8 @@ def variant_in_subprocess(args: list[str], options: StreamOptions, engine_backen
              *(["--threads", str(options.threads)] if options.threads else []),
              "--compile-backend", options.compile_backend,
              *(["--engine-backend", engine_backend] if engine_backend else [])]
-    label = options.label() + (f" + engine {engine_backend}" if engine_backend else "")
+    label = (f"{'pipelined' if options.pipelined else 'sequential'} + engine {engine_backend}" if engine_backend
+             else options.label())
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "variant.json"
         cmd = [sys.executable, "-m", "livetalk_cli", "bench", *args, *flags, "--speed-only", "--json", str(out)]
@@ -476,10 +477,13 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
         for v in variants(options, device):
             status(f"comparing: {v.label()} (a fresh process)")
             rows.append(run_variant(v, None))
+        # engines: each backend sequential and pipelined on a CPU (which wins depends on the backend)
+        schedules = [False, True] if device.type == "cpu" else [options.pipelined]
         for spec in engine_variants or []:
-            v = dataclasses.replace(options, compile=False, cuda_graphs=False)
-            status(f"comparing: {v.label()} + engine {spec} (a fresh process)")
-            rows.append(run_variant(v, spec))
+            for pipelined in schedules:
+                v = dataclasses.replace(options, pipelined=pipelined, compile=False, cuda_graphs=False)
+                status(f"comparing: {v.label()} + engine {spec} (a fresh process)")
+                rows.append(run_variant(v, spec))
         base = rows[0]
         for r in rows:
             r["fps_gain"] = r["fps"]["median"] / base["fps"]["median"]

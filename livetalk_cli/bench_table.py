@@ -23,6 +23,8 @@ def bench_blocks(r: dict[str, Any], width: int) -> list[Block]:
         f"{mod['steps']} steps + refill, blocks of {mod['block_frames']} latents, {mod['sink_frames']} sinks + "
         f"{mod['window_frames']} window",
         f"{m['device']}, torch {m['torch']}" + (f"; {_label(r['options'])}" if r["options"] else ""),
+        *([f"engines {r['engine']['path']}: DiT {r['engine']['dit']}, VAE {r['engine']['vae']}"]
+          if "engine" in r else []),
     )):
         for line in wrap(text, width, indent=0 if i == 0 else 2):
             head.add(line, "bold" if i == 0 else "")
@@ -79,7 +81,8 @@ def bench_blocks(r: dict[str, Any], width: int) -> list[Block]:
                      f"{row['first_frame_s']['median']:.3f}", f"{row['first_frame_gain']:.2f}x"])
                 for row in r["compare"]]
         cols = [Column("switches", "left"), *(Column(c) for c in ("FPS", "gain", "first frame (s)", "gain"))]
-        blocks.append(table_block(cols, rows, width, title="optimisations (each row adds one)"))
+        blocks.append(table_block(cols, rows, width, title="optimisations (each row adds one); engines (a side "
+                                                          "not named runs eager)"))
 
     blocks.append(_memory_block(r, width))
     return blocks

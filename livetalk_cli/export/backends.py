@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -77,40 +77,55 @@ def export_onnx(component: Component, path: Path) -> None:
 
 
 class OrtEngine:
-    """An ONNX file run by ONNX Runtime (CPU provider on CPU, CUDA provider on a CUDA device)."""
+    """An ONNX file run by ONNX Runtime (CPU provider on CPU, CUDA provider on a CUDA device).
 
-    def __init__(self, path: Path, contract: Contract, device: torch.device, threads: int | None = None):
+    On a CPU, ONNX Runtime's thread pool is its own (not torch's OpenMP team) and its idle threads
+    spin: a session with 2 threads beside the pipeline's other thread slowed the whole stream. So a
+    call runs in a session with as many threads as torch's intra-op setting of the calling thread
+    (the stream's team size), one session per count, made on first use.
+    """
+
+    def __init__(self, path: Path, contract: Contract, device: torch.device):
         require("onnxruntime", "onnx", "the ONNX Runtime engine")
-        import onnxruntime as ort
+        self.contract, self.device, self.path = contract, device, path
+        self._sessions: dict[int, Any] = {}
+        self._session(torch.get_num_threads() if device.type == "cpu" else 0)  # a corrupt file fails here
 
-        self.contract, self.device = contract, device
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
+    def _session(self, threads: int) -> Any:
+        if threads not in self._sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
             opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own types for a corrupt file
-            raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0][:200]}") from None
-        names = [i.name for i in self.session.get_inputs()]
-        if names != contract.input_names:
-            raise UserError(f"{path}: inputs {names} do not match the manifest's contract {contract.input_names}")
+            opts.inter_op_num_threads = 1
+            providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+            try:
+                session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            except Exception as e:  # onnxruntime raises its own types for a corrupt file
+                raise UserError(f"cannot load ONNX model {self.path}: {str(e).splitlines()[0][:200]}") from None
+            names = [i.name for i in session.get_inputs()]
+            if names != self.contract.input_names:
+                raise UserError(f"{self.path}: inputs {names} do not match the manifest's contract "
+                                f"{self.contract.input_names}")
+            self._sessions[threads] = session
+        return self._sessions[threads]
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         check_inputs(self.contract, inputs)
         if self.device.type == "cpu":
+            session = self._session(torch.get_num_threads())
             feeds = {n: t.detach().contiguous().numpy() for n, t in zip(self.contract.input_names, inputs,
                                                                         strict=True)}
-            return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+            return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
         return self._run_bound(inputs)
 
     def _run_bound(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """CUDA: inputs and preallocated outputs bound by address (no host copies)."""
         import numpy as np
 
-        binding = self.session.io_binding()
+        session = self._session(0)
+        binding = session.io_binding()
         np_types = {torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_,
                     torch.int64: np.int64}
         idx = self.device.index or 0
@@ -121,14 +136,14 @@ class OrtEngine:
         for spec, t in zip(self.contract.outputs, outs, strict=True):
             binding.bind_output(spec.name, "cuda", idx, np_types[t.dtype], list(t.shape), t.data_ptr())
         torch.cuda.current_stream().synchronize()
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return tuple(outs)
 
 
 # --- AOTInductor ---------------------------------------------------------------------------------
 def export_aoti(component: Component, path: Path) -> None:
     """The component compiled ahead of time by inductor into a `.pt2` package."""
-    with torch.no_grad():
+    with torch.no_grad(), component.aoti_mode():
         program = torch.export.export(component.module, component.example, strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 

@@ -19,6 +19,8 @@ Legend: B batch, C channels, T frames (video or feature), F latent frames, H/W h
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +57,11 @@ class CausalConv3d(nn.Conv3d):
 
     Spatial zero padding is done by the conv itself (same result as padding first, one copy fewer).
     With a cache, the slot's stored frames are prepended instead of zeros and then updated.
+    `time_folded` (set for export by `fold_time_convs`) computes the same conv as one Conv2d over
+    frames with the time taps stacked as channels.
     """
+
+    time_folded = False
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
@@ -76,11 +82,41 @@ class CausalConv3d(nn.Conv3d):
                     hist = x.new_zeros(x.shape[0], x.shape[1], p, x.shape[3], x.shape[4])
                 x = torch.cat([hist, x], dim=2)
                 cache.slots[self.cache_slot] = x[:, :, -p:].clone()
+        if self.time_folded:
+            return self._time_folded_conv(x)
         if _use_onednn(x):
             return torch.ops.aten.mkldnn_convolution(
                 x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups
             )
         return super().forward(x)
+
+
+    def _time_folded_conv(self, x: Tensor) -> Tensor:
+        """The conv over time-padded x (B,C,T,H,W) as a Conv2d: output frame j reads frames
+        j*st .. j*st+kt-1, stacked tap-major into kt*C channels, against the weight laid out the same
+        way. Exporters map Conv2d to their fastest kernels (ONNX Runtime's blocked NCHWc convs on a
+        CPU), which they lack for 3D convs."""
+        kt, st = self.kernel_size[0], self.stride[0]
+        b, c, t, h, w = x.shape
+        t_out = (t - kt) // st + 1
+        taps = [x[:, :, i: i + st * (t_out - 1) + 1: st] for i in range(kt)]  # each (B,C,T',H,W)
+        x2 = torch.cat(taps, dim=1).transpose(1, 2).reshape(b * t_out, kt * c, h, w)
+        weight = self.weight.transpose(1, 2).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
+        y = F.conv2d(x2, weight, self.bias, self.stride[1:], self.padding[1:])
+        return y.view(b, t_out, *y.shape[1:]).transpose(1, 2)
+
+
+@contextmanager
+def fold_time_convs(module: nn.Module) -> Iterator[None]:
+    """Within the block, every `CausalConv3d` of `module` runs as a time-folded Conv2d (export)."""
+    convs = [m for m in module.modules() if isinstance(m, CausalConv3d)]
+    for m in convs:
+        m.time_folded = True
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.time_folded = False
 
 
 def _use_onednn(x: Tensor) -> bool:
