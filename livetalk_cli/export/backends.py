@@ -79,10 +79,9 @@ def export_onnx(component: Component, path: Path) -> None:
 class OrtEngine:
     """An ONNX file run by ONNX Runtime (CPU provider on CPU, CUDA provider on a CUDA device).
 
-    On a CPU, ONNX Runtime's thread pool is its own (not torch's OpenMP team) and its idle threads
-    spin: a session with 2 threads beside the pipeline's other thread slowed the whole stream. So a
-    call runs in a session with as many threads as torch's intra-op setting of the calling thread
-    (the stream's team size), one session per count, made on first use.
+    On a CPU, ONNX Runtime's thread pool is its own (not torch's OpenMP team): a call runs in a
+    session with as many threads as torch's intra-op setting of the calling thread (the stream's
+    team size), one session per count, made on first use, and its idle threads do not spin.
     """
 
     def __init__(self, path: Path, contract: Contract, device: torch.device):
@@ -99,6 +98,9 @@ class OrtEngine:
             opts.log_severity_level = 3
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+            # idle pool threads spin by default: beside torch's own OpenMP team (the eager side of a
+            # stream) that spinning takes the cores the team waits for
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
             try:
                 session = ort.InferenceSession(str(self.path), opts, providers=providers)

@@ -53,7 +53,7 @@ def parity(engine: Engine, reference: tuple[torch.Tensor, ...], inputs: tuple[to
     return {"max_abs": max_abs, "rel_l2": rel}
 
 
-def _plan_entry(fmt: str, folder: Path, entry: dict[str, Any]) -> bool:
+def _still_valid(fmt: str, folder: Path, entry: dict[str, Any]) -> bool:
     """Is the recorded artifact still there, whole, and usable by the installed tools?"""
     f = folder / entry.get("file", "")
     if not f.is_file() or file_size(f) != entry.get("bytes"):
@@ -82,7 +82,7 @@ def _kept(folder: Path, want: dict[str, Any], formats: list[str], force: bool) -
     same = all(old.get(k) == want[k] for k in ("format", "model", "dtype", "weights_sha256", "contract"))
     if not same or old.get("format") != FORMAT:
         return {}
-    return {fmt: e for fmt, e in old.get("artifacts", {}).items() if fmt in formats and _plan_entry(fmt, folder, e)}
+    return {fmt: e for fmt, e in old.get("artifacts", {}).items() if fmt in formats and _still_valid(fmt, folder, e)}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

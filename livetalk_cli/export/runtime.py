@@ -76,6 +76,3 @@ class EngineSet:
     vae_backend: str
     passes: EnginePasses | None
     decoder: EngineDecoder | None
-
-    def label(self) -> str:
-        return f"DiT {self.dit_backend}, VAE {self.vae_backend}"
