@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +30,6 @@ import numpy as np
 import torch
 
 from livetalk_cli.errors import UserError
-from livetalk_cli.flops import FlopCount
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.runtime.scheduler import stream_video
 from livetalk_cli.runtime.stream import (
@@ -139,22 +135,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Measured dense matmul rate in FLOP/s (square matrices; median of `repeats`)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        if i:  # the first call is warm-up
-            times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -288,38 +268,6 @@ def stage_times(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, pro
     return {name: summary(v) for name, v in rows.items()}
 
 
-def flops(model: LoadedModel, wave: torch.Tensor, image: torch.Tensor, prompt: str) -> dict[str, float]:
-    """DiT and VAE FLOPs: per generated frame in the steady state (full cache), and to the first frame.
-    Attention is counted from its shapes (`FlopCount`), on every device."""
-    stream = AvatarStream(model, StreamOptions(pipelined=False))
-    cfg = model.cfg
-    with FlopCount() as first_counter:  # start, the first block's passes, its first chunk
-        stream.start(image, prompt, seed=0)
-        x0, cond = stream.sample(wave)
-        next(stream.decode(x0))  # the first-frame chunk only
-    stream = AvatarStream(model, StreamOptions(pipelined=False))
-    stream.start(image, prompt, seed=0)
-    every = max(1, cfg.stream.vae_anchor_every)  # the VAE anchor's decode is shared by `every` blocks
-    needed = 1 + (cfg.stream.sink_frames + cfg.stream.window_frames) // cfg.stream.block_frames
-    for _ in range(max(needed, every + 1)):  # fill the sinks and the window; past the first anchor
-        stream.next_block(wave)
-    frames = stream.tf * cfg.stream.block_frames
-    with FlopCount() as dit_counter:
-        x0, cond = stream.sample(wave)
-        stream.refill(x0, cond)
-    with FlopCount() as vae_counter:  # `every` blocks: one anchor among them
-        for _ in range(every):
-            list(stream.decode(x0))
-    return {
-        "dit_per_frame": dit_counter.total / frames,
-        "dit_attention_per_frame": dit_counter.attention / frames,
-        "vae_decode_per_frame": vae_counter.total / (every * frames),
-        "first_frame": float(first_counter.total),
-        "counting": "torch FlopCounterMode for matmuls and convolutions; attention from its shapes, "
-                    "2*Lq*Lk*D per head for QK^T and again for PV",
-    }
-
-
 def memory_stream(model: LoadedModel, options: StreamOptions, wave_fn: Callable[[int], torch.Tensor],
                   image: torch.Tensor, prompt: str, minutes: float,
                   on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -363,42 +311,6 @@ def measure_variant(model: LoadedModel, options: StreamOptions, wave: torch.Tens
         latency.append(first_frame_latency(stream, wave, image, prompt))
         fps.append(steady_fps(stream, wave, image, prompt, s)[0])
     return {"options": options.label(), "fps": summary(fps), "first_frame_s": summary(latency)}
-
-
-def variants(base: StreamOptions, device: torch.device) -> list[StreamOptions]:
-    """Baseline, then each optimisation added in turn, for --compare."""
-    out = [StreamOptions(pipelined=False, compile_backend=base.compile_backend, split_threads=base.split_threads,
-                         threads=base.threads)]
-    out.append(dataclasses.replace(out[-1], pipelined=True))
-    out.append(dataclasses.replace(out[-1], compile=True))
-    if device.type == "cuda":
-        out.append(dataclasses.replace(out[-1], cuda_graphs=True))
-    return out
-
-
-def variant_in_subprocess(args: list[str], options: StreamOptions, engine_backend: str | None = None
-                          ) -> dict[str, Any]:
-    """FPS and first-frame latency of one set of switches, measured by `livetalk bench ARGS --speed-only`
-    in a fresh process: threads, compile caches and allocator state of one variant must not leak
-    into the next (on CPU a second thread's OpenMP team slowed later sequential runs by ~20 %)."""
-    flags = ["--pipelined" if options.pipelined else "--sequential",
-             "--compile" if options.compile else "--no-compile",
-             "--cuda-graphs" if options.cuda_graphs else "--no-cuda-graphs",
-             "--split-threads" if options.split_threads else "--no-split-threads",
-             *(["--threads", str(options.threads)] if options.threads else []),
-             "--compile-backend", options.compile_backend,
-             *(["--engine-backend", engine_backend] if engine_backend else [])]
-    label = (f"{'pipelined' if options.pipelined else 'sequential'} + engine {engine_backend}" if engine_backend
-             else options.label())
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "variant.json"
-        cmd = [sys.executable, "-m", "livetalk_cli", "bench", *args, *flags, "--speed-only", "--json", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"bench variant '{label}' failed: {last}")
-        r = json.loads(out.read_text())
-    return {"options": label, "fps": r["fps"], "first_frame_s": r["first_frame_s"]}
 
 
 def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
@@ -465,6 +377,8 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
     status("per-stage times (sequential, eager, synchronised)")
     result["stages_s"] = stage_times(eager, wave, image, prompt, s)
     status("FLOPs and the device's matmul rate")
+    from livetalk_cli.bench_floor import flops, matmul_rate
+
     fl = flops(eager, wave, image, prompt)
     rate = matmul_rate(device, model.dtype)
     per_frame = fl["dit_per_frame"] + fl["vae_decode_per_frame"]
@@ -473,22 +387,9 @@ def run_bench(model: LoadedModel, options: StreamOptions, s: BenchSettings,
     if s.compare:
         if run_variant is None:
             raise UserError("--compare needs a way to run each variant (the CLI runs them in fresh processes)")
-        rows = []
-        for v in variants(options, device):
-            status(f"comparing: {v.label()} (a fresh process)")
-            rows.append(run_variant(v, None))
-        # engines: each backend sequential and pipelined on a CPU (which wins depends on the backend)
-        schedules = [False, True] if device.type == "cpu" else [options.pipelined]
-        for spec in engine_variants or []:
-            for pipelined in schedules:
-                v = dataclasses.replace(options, pipelined=pipelined, compile=False, cuda_graphs=False)
-                status(f"comparing: {v.label()} + engine {spec} (a fresh process)")
-                rows.append(run_variant(v, spec))
-        base = rows[0]
-        for r in rows:
-            r["fps_gain"] = r["fps"]["median"] / base["fps"]["median"]
-            r["first_frame_gain"] = base["first_frame_s"]["median"] / r["first_frame_s"]["median"]
-        result["compare"] = rows
+        from livetalk_cli.bench_compare import compare_rows
+
+        result["compare"] = compare_rows(options, device, run_variant, engine_variants or [], status)
     if s.stream_minutes > 0:
         status(f"memory over a {s.stream_minutes:g}-minute stream")
 

@@ -281,7 +281,8 @@ def bench(
     Engines: with --engine the streams run the exported components (--engine-backend); --compare
       adds a row per backend found (each side alone, then both).
     """
-    from livetalk_cli.bench import BenchSettings, configure, run_bench, variant_in_subprocess
+    from livetalk_cli.bench import BenchSettings, configure, run_bench
+    from livetalk_cli.bench_compare import variant_in_subprocess
     from livetalk_cli.export.load import check_engine_args, engine_variants, load_engines
     from livetalk_cli.files import check_output_file, write_json_atomic
     from livetalk_cli.pipeline import load_model, resolve_device

@@ -179,7 +179,7 @@ def test_bench_compare_and_overrides(model):
 
 
 def test_a_compare_variant_runs_in_a_fresh_process():
-    from livetalk_cli.bench import variant_in_subprocess
+    from livetalk_cli.bench_compare import variant_in_subprocess
 
     args = ["--preset", "tiny", "--random-weights", "--device", "cpu", "--warmup", "1", "--repeats", "1",
             "--height", "32", "--width", "32"]
