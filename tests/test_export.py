@@ -284,10 +284,18 @@ def test_a_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     import importlib.util
 
+    import livetalk_cli.pipeline
+
+    def no_model(**_):
+        raise AssertionError("the model was loaded before the extra was checked")
+
+    monkeypatch.setattr(livetalk_cli.pipeline, "load_model", no_model)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     res = export(*TINY, "--out", "/tmp/never-written")
     assert res.exit_code == 2 and "pip install 'livetalk[onnx]'" in res.output
+    res = export(*TINY, "--format", "onnx,tensorrt")
+    assert res.exit_code == 2 and "unknown format(s) tensorrt" in res.output
     assert not Path("/tmp/never-written").exists()
 
 

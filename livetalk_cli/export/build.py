@@ -131,17 +131,9 @@ def _build_one(fmt: str, comp: Component, tmp: Path, reference: tuple[torch.Tens
     return entry
 
 
-def export_model(
-    model: LoadedModel,
-    out_root: Path,
-    formats: list[str],
-    *,
-    force: bool = False,
-    only: list[str] | None = None,
-    trt_sm: str | None = None,
-    on_status: Callable[[str], None] = lambda s: None,
-) -> ExportReport:
-    """Export `only` (default: every component) of `model` in `formats` under `out_root`."""
+def check_formats(formats: list[str]) -> list[str]:
+    """The formats to build, in build order (ONNX first when TensorRT needs it), after checking each
+    is known and its extra installed: one line, before any model is loaded."""
     unknown = [f for f in formats if f not in backends.FORMATS]
     if unknown or not formats:
         raise UserError(f"unknown format(s) {', '.join(unknown) or '(none)'}; "
@@ -156,7 +148,22 @@ def export_model(
         if fmt.startswith("trt"):
             from livetalk_cli.export.tensorrt import import_tensorrt
 
-            import_tensorrt(fmt)  # a missing extra is one line, before any work
+            import_tensorrt(fmt)
+    return formats
+
+
+def export_model(
+    model: LoadedModel,
+    out_root: Path,
+    formats: list[str],
+    *,
+    force: bool = False,
+    only: list[str] | None = None,
+    trt_sm: str | None = None,
+    on_status: Callable[[str], None] = lambda s: None,
+) -> ExportReport:
+    """Export `only` (default: every component) of `model` in `formats` under `out_root`."""
+    formats = check_formats(formats)
     check_writable(Path(out_root) / ".probe")
     cfg, dtype = model.cfg, model.dtype
     on_status("hashing weights")
