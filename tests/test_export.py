@@ -248,6 +248,22 @@ def test_corrupt_or_truncated_artifacts_are_one_line(tmp_path, tiny, tiny_engine
         load_engines(tiny, broken, "dit=eager,vae=onnx")
 
 
+def test_tensorrt_engines_need_their_gpu(tmp_path, tiny, tiny_engines):
+    """A plan recorded in the manifests: on a CPU `--engine-backend trt` is one line, and `auto` skips it."""
+    folder = tmp_path / tiny_engines.name
+    shutil.copytree(tiny_engines, folder)
+    for name in COMPONENTS:
+        path = folder / name / "manifest.json"
+        m = json.loads(path.read_text())
+        m["artifacts"]["trt"] = {"file": "engine_trt10.13.0_sm90.plan", "version": "10.13.0", "sm": "90",
+                                 "bytes": 4}
+        (folder / name / "engine_trt10.13.0_sm90.plan").write_bytes(b"plan")
+        path.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="TensorRT engines need a CUDA device"):
+        load_engines(tiny, folder, "trt")
+    assert load_engines(tiny, folder).dit_backend == "onnx"
+
+
 def test_a_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
     from livetalk_cli.export import backends
 
