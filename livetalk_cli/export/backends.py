@@ -131,6 +131,11 @@ class OrtEngine:
         np_types = {torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_,
                     torch.int64: np.int64}
         idx = self.device.index or 0
+        dtypes = {t.dtype for t in inputs} | {DTYPES[s.dtype] for s in self.contract.outputs}
+        missing = sorted(str(d) for d in dtypes - set(np_types))
+        if missing:
+            raise UserError(f"{self.path}: ONNX Runtime's CUDA binding takes no {', '.join(missing)} tensors; "
+                            "use --engine-backend aoti or trt for this dtype")
         for spec, t in zip(self.contract.inputs, inputs, strict=True):
             t = t.contiguous()
             binding.bind_input(spec.name, "cuda", idx, np_types[t.dtype], list(t.shape), t.data_ptr())
