@@ -116,7 +116,7 @@ def render(
             if engine is not None:
                 from livetalk_cli.export.load import load_engines
 
-                model.engines = load_engines(model, engine, engine_backend, pipelined=pipelined)
+                model.engines = load_engines(model, engine, engine_backend)
             progress.remove_task(step)
             logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)
 
@@ -313,7 +313,7 @@ def bench(
         specs: list[str] = []
         if engine is not None:
             model = configure(model, settings)  # the engine must match the benched shapes
-            model.engines = load_engines(model, engine, engine_backend, pipelined=pipelined)
+            model.engines = load_engines(model, engine, engine_backend)
             specs = engine_variants(model, engine) if compare else []
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:

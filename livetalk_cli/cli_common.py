@@ -141,5 +141,5 @@ EngineBackendOpt = Annotated[
     str,
     typer.Option("--engine-backend", metavar="auto|onnx|aoti|trt|eager|dit=X,vae=Y",
                  help="With --engine: which build runs each side (auto: TensorRT > AOTInductor > ONNX Runtime on "
-                      "CUDA; on a CPU the DiT on AOTInductor or ONNX Runtime and the VAE eager)."),
+                      "CUDA; on a CPU the DiT on AOTInductor, else ONNX Runtime, and the VAE eager)."),
 ]

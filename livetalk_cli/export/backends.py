@@ -156,8 +156,16 @@ def export_aoti(component: Component, path: Path) -> None:
 
 
 class AotiEngine:
+    """A `.pt2` package. On a CPU it runs through the model's C ABI, which releases the GIL (torch's
+    Python runner holds it for a whole call and stalls a pipeline's other thread: `aoti_cabi`)."""
+
     def __init__(self, path: Path, contract: Contract, device: torch.device):
+        from livetalk_cli.export.aoti_cabi import cabi_runner
+
         self.contract = contract
+        self.cabi = cabi_runner(path) if device.type == "cpu" else None
+        if self.cabi is not None:
+            return
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as e:
@@ -165,6 +173,8 @@ class AotiEngine:
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         check_inputs(self.contract, inputs)
+        if self.cabi is not None:
+            return tuple(self.cabi([t.contiguous() for t in inputs]))
         out = self.runner(*inputs)
         return (out,) if isinstance(out, Tensor) else tuple(out)
 

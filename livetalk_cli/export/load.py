@@ -4,16 +4,13 @@ they were built for this model (`manifest.check_manifest`) and that their files 
 Backends are chosen per side (the DiT's two passes, the VAE decoder's two calls): `auto`, a format
 for both (`onnx`, `aoti`, `trt`, `eager`), or `dit=FMT,vae=FMT`. `auto` takes, per side, the first
 that was built and can run here: on CUDA TensorRT (a plan for this TensorRT and GPU), AOTInductor
-(built on CUDA), ONNX Runtime; on a CPU the VAE eager (its oneDNN 3D convolutions are as fast as
-either export there) and the DiT on AOTInductor for a sequential stream, on ONNX Runtime for a
-pipelined one: AOTInductor's runner holds the GIL for a whole pass, so the pipeline's decoder
-thread stalls behind it (a VAE step beside a looping AOTInductor DiT took 3.3 s instead of 50 ms;
-ONNX Runtime releases the GIL). Measurements: reports/bench/README.md.
+(built on CUDA), ONNX Runtime; on a CPU the DiT on AOTInductor, else ONNX Runtime, and the VAE
+eager (its oneDNN 3D convolutions are as fast as either export there). Measurements:
+reports/bench/README.md.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,6 @@ from livetalk_cli.export.manifest import (
 from livetalk_cli.export.runtime import EngineDecoder, EnginePasses, EngineSet
 from livetalk_cli.pipeline import LoadedModel
 
-log = logging.getLogger(__name__)
 SIDES = {"dit": ("dit_denoise", "dit_refill"), "vae": ("vae_first", "vae_step")}
 CHOICES = ("auto", *backends.RUNNABLE)
 
@@ -85,12 +81,9 @@ def _runnable(fmt: str, folder: Path, data: dict[str, Any], device: torch.device
     return None
 
 
-def _auto(side: str, datas: list[tuple[Path, dict[str, Any]]], device: torch.device, pipelined: bool) -> str:
+def _auto(side: str, datas: list[tuple[Path, dict[str, Any]]], device: torch.device) -> str:
     """The first format, in the device's order of preference, that every component of the side has."""
-    if device.type == "cuda":
-        order = ["trt", "aoti", "onnx"]
-    else:
-        order = [] if side == "vae" else (["onnx"] if pipelined else ["aoti", "onnx"])
+    order = ["trt", "aoti", "onnx"] if device.type == "cuda" else (["aoti", "onnx"] if side == "dit" else [])
     for fmt in order:
         if all(_runnable(fmt, c, d, device) is None for c, d in datas):
             return fmt
@@ -115,9 +108,8 @@ def _open(fmt: str, folder: Path, data: dict[str, Any], model: LoadedModel) -> E
     return TrtEngine(path, contract, model.device, flavor="trt")
 
 
-def load_engines(model: LoadedModel, path: Path, backend: str = "auto", *, pipelined: bool = True) -> EngineSet:
-    """The engines of `path` for `model` (checked against it), per side as `backend` asks; `pipelined`:
-    how the streams will be scheduled (`auto` picks by it on a CPU)."""
+def load_engines(model: LoadedModel, path: Path, backend: str = "auto") -> EngineSet:
+    """The engines of `path` for `model` (checked against it), per side as `backend` asks."""
     choice = parse_backend(backend)
     whash = weights_hash(model.dit, model.vae)
     folder = find_model_folder(path, model.cfg, whash)
@@ -132,9 +124,7 @@ def load_engines(model: LoadedModel, path: Path, backend: str = "auto", *, pipel
             datas.append((comp, data))
         fmt = choice[side]
         if fmt == "auto":
-            fmt = _auto(side, datas, model.device, pipelined)
-        elif fmt == "aoti" and pipelined and model.device.type == "cpu":
-            log.warning("AOTInductor holds the GIL during a pass: a pipelined CPU stream runs faster --sequential")
+            fmt = _auto(side, datas, model.device)
         for comp, data in datas:
             why = _runnable(fmt, comp, data, model.device)
             if why is not None:
