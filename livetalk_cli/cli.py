@@ -314,7 +314,7 @@ def bench(
         if engine is not None:
             model = configure(model, settings)  # the engine must match the benched shapes
             model.engines = load_engines(model, engine, engine_backend)
-            specs = engine_variants(model, engine) if compare else []
+            specs = engine_variants(model, model.engines.path) if compare else []
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("bench", total=None)

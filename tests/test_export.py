@@ -222,6 +222,7 @@ def test_bench_refuses_another_shape_and_measures_engines(tiny_engines):
 
 
 def test_engine_variants_and_backend_parsing(tiny, tiny_engines):
+    # tiny_engines is the model folder, as `load_engines` resolves it (EngineSet.path)
     assert engine_variants(tiny, tiny_engines) == ["dit=onnx,vae=eager", "dit=eager,vae=onnx", "onnx"]
     assert parse_backend("dit=onnx, vae=eager") == {"dit": "onnx", "vae": "eager"}
     assert parse_backend("aoti") == {"dit": "aoti", "vae": "aoti"}

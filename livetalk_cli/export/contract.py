@@ -35,11 +35,11 @@ from livetalk_cli.config import ModelConfig
 from livetalk_cli.models.attention import KVWindow
 from livetalk_cli.models.dit import Conditioning, WanDiT
 from livetalk_cli.models.vae import WanVAE, fold_time_convs
+from livetalk_cli.pipeline import DTYPES as MODEL_DTYPES
 
 COMPONENTS = ("dit_denoise", "dit_refill", "vae_first", "vae_step")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-               torch.bool: "bool", torch.int64: "int64"}
-DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+DTYPES = {**MODEL_DTYPES, "bool": torch.bool, "int64": torch.int64}  # a contract's tensors: the model's + masks
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from livetalk_cli.export.manifest import (
 )
 from livetalk_cli.export.runtime import EngineDecoder, EnginePasses, EngineSet
 from livetalk_cli.pipeline import LoadedModel
+from livetalk_cli.runtime.stream import check_engine_options
 
 SIDES = {"dit": ("dit_denoise", "dit_refill"), "vae": ("vae_first", "vae_step")}
 CHOICES = ("auto", *backends.RUNNABLE)
@@ -140,16 +141,14 @@ def load_engines(model: LoadedModel, path: Path, backend: str = "auto") -> Engin
 def check_engine_args(path: Path, backend: str, *, compile: bool, cuda_graphs: bool) -> None:
     """What `--engine` needs that can be checked before the model loads."""
     parse_backend(backend)
-    if compile or cuda_graphs:
-        raise UserError("--engine runs exported components: --compile and --cuda-graphs apply to eager only")
+    check_engine_options(compile=compile, cuda_graphs=cuda_graphs)
     if not Path(path).is_dir():
         raise UserError(f"engine folder not found: {path}")
 
 
-def engine_variants(model: LoadedModel, path: Path) -> list[str]:
-    """`--engine-backend` values worth comparing for this folder on this device: each built format
-    on one side (the other eager), then on both sides."""
-    folder = find_model_folder(path, model.cfg, weights_hash(model.dit, model.vae))
+def engine_variants(model: LoadedModel, folder: Path) -> list[str]:
+    """`--engine-backend` values worth comparing for a model folder `load_engines` resolved and checked
+    (`EngineSet.path`) on this device: each built format on one side (the other eager), then on both."""
     datas = {side: [(folder / n, read_manifest(folder / n)) for n in names] for side, names in SIDES.items()}
     runs = {side: [f for f in ("onnx", "aoti", "trt") if all(_runnable(f, c, d, model.device) is None for c, d in ds)]
             for side, ds in datas.items()}

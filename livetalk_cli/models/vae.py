@@ -90,7 +90,6 @@ class CausalConv3d(nn.Conv3d):
             )
         return super().forward(x)
 
-
     def _time_folded_conv(self, x: Tensor) -> Tensor:
         """The conv over time-padded x (B,C,T,H,W) as a Conv2d: output frame j reads frames
         j*st .. j*st+kt-1, stacked tap-major into kt*C channels, against the weight laid out the same

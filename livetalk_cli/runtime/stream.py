@@ -57,6 +57,12 @@ def frames_to_uint8(video: Tensor) -> np.ndarray:
     return ((host + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def check_engine_options(*, compile: bool, cuda_graphs: bool) -> None:
+    """Exported engines run their own compiled code: the eager-only switches are an error with them."""
+    if compile or cuda_graphs:
+        raise UserError("--engine runs exported components: --compile and --cuda-graphs apply to eager only")
+
+
 @dataclass(frozen=True)
 class StreamOptions:
     """How a stream runs (render and bench share these switches)."""
@@ -89,8 +95,8 @@ class AvatarStream:
             check_cuda_graphs(model.device)
         self.model, self.cfg = model, cfg
         engines = model.engines
-        if engines is not None and (compile or cuda_graphs):
-            raise UserError("--engine runs exported components: --compile and --cuda-graphs apply to eager only")
+        if engines is not None:
+            check_engine_options(compile=compile, cuda_graphs=cuda_graphs)
         passes = engines.passes if engines is not None else None
         self.sampler = BlockSampler(model.dit, cfg, device=model.device, passes=passes)
         if compile or cuda_graphs:
