@@ -25,7 +25,7 @@ from livetalk_cli.errors import UserError
 from livetalk_cli.export import backends
 from livetalk_cli.export.backends import EagerEngine, Engine, artifact_name, file_size
 from livetalk_cli.export.contract import COMPONENTS, Component, components
-from livetalk_cli.export.manifest import FORMAT, manifest_payload, model_folder, weights_hash
+from livetalk_cli.export.manifest import manifest_payload, model_folder, weights_hash
 from livetalk_cli.files import atomic_dir, check_writable
 from livetalk_cli.pipeline import LoadedModel
 
@@ -79,8 +79,7 @@ def _kept(folder: Path, want: dict[str, Any], formats: list[str], force: bool) -
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    same = all(old.get(k) == want[k] for k in ("format", "model", "dtype", "weights_sha256", "contract"))
-    if not same or old.get("format") != FORMAT:
+    if any(old.get(k) != want[k] for k in ("format", "model", "dtype", "weights_sha256", "contract")):
         return {}
     return {fmt: e for fmt, e in old.get("artifacts", {}).items() if fmt in formats and _still_valid(fmt, folder, e)}
 
