@@ -13,6 +13,7 @@ arguments from the calling code raise `ValueError`.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,15 +73,17 @@ class MuxAudio:
         return self.samples.shape[0] / self.sample_rate
 
 
-def _decode_audio(p: Path, sample_rate: int | None) -> tuple[np.ndarray, int, str]:
-    """First audio stream of `p` -> planar float32 (channels, n) at `sample_rate` (None: the
-    source's), its rate and layout name; codec padding beyond the declared duration trimmed."""
+def _decode_audio(p: Path | io.BytesIO, sample_rate: int | None) -> tuple[np.ndarray, int, str]:
+    """First audio stream of `p` (a file, or the bytes of one) -> planar float32 (channels, n) at
+    `sample_rate` (None: the source's), its rate and layout name; codec padding beyond the declared
+    duration trimmed."""
+    name = "the uploaded audio" if isinstance(p, io.BytesIO) else str(p)
     chunks: list[np.ndarray] = []
     rate, layout = 0, ""
     try:
-        with av.open(str(p)) as container:
+        with av.open(p if isinstance(p, io.BytesIO) else str(p)) as container:
             if not container.streams.audio:
-                raise MediaError(f"no audio stream in {p}")
+                raise MediaError(f"no audio stream in {name}")
             stream = container.streams.audio[0]
             declared_s = float(stream.duration * stream.time_base) if stream.duration else None
             # Keep the source layout (the callers mix channels themselves): swresample's
@@ -97,10 +100,10 @@ def _decode_audio(p: Path, sample_rate: int | None) -> tuple[np.ndarray, int, st
     except MediaError:
         raise
     except (*_AV_ERRORS, ValueError) as err:  # ValueError: e.g. a stream changing layout midway
-        raise MediaError(f"cannot decode audio file {p}: {_one_line(err)}") from err
+        raise MediaError(f"cannot decode audio {name}: {_one_line(err)}") from err
     audio = np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), np.float32)
     if audio.shape[1] == 0:
-        raise MediaError(f"audio file has no samples: {p}")
+        raise MediaError(f"audio has no samples: {name}")
     if declared_s is not None:
         expected = round(declared_s * rate)
         if 0 < expected < audio.shape[1] <= expected + _MAX_TRIM_S * rate:
@@ -125,6 +128,12 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return np.clip(audio.mean(axis=0), -1.0, 1.0).astype(np.float32, copy=False)
 
 
+def decode_audio(data: bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`load_audio` for the bytes of an audio file (an upload)."""
+    audio, _, _ = _decode_audio(io.BytesIO(data), sample_rate)
+    return np.clip(audio.mean(axis=0), -1.0, 1.0).astype(np.float32, copy=False)
+
+
 def load_audio_for_mux(path: str | Path) -> MuxAudio:
     """Decode the first audio stream of `path` at its own sample rate and channel layout, for
     `VideoWriter` to carry into the output (`audio=a.samples, sample_rate=a.sample_rate,
@@ -140,11 +149,11 @@ def load_audio_for_mux(path: str | Path) -> MuxAudio:
     return MuxAudio(np.ascontiguousarray(np.clip(audio, -1.0, 1.0).T), rate, layout)
 
 
-def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Mono float audio in [-1, 1] → 16-bit PCM WAV (clipped)."""
+def write_wav(path: str | Path | io.BytesIO, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Mono float audio in [-1, 1] → 16-bit PCM WAV (clipped), to a file or into a buffer."""
     import wave
 
-    with wave.open(str(path), "wb") as w:
+    with wave.open(path if isinstance(path, io.BytesIO) else str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(sample_rate)
@@ -191,10 +200,7 @@ def load_image(
     Raises:
         MediaError: the file is missing, not a file, or not a readable image.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
-    if fit not in ("crop", "pad"):
-        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
+    _check_fit(height, width, fit)
     p = check_input_file(path, "image")
     try:
         with Image.open(p) as im:
@@ -202,7 +208,34 @@ def load_image(
             img = _to_rgb(ImageOps.exif_transpose(im))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise MediaError(f"cannot read image file {p}: {_one_line(err)}") from err
+    return _fit_image(img, height, width, fit)
 
+
+def _check_fit(height: int, width: int, fit: str) -> None:
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    if fit not in ("crop", "pad"):
+        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
+
+
+def decode_image(
+    data: bytes, height: int, width: int, fit: Literal["crop", "pad"] = "crop", max_pixels: int = 40_000_000
+) -> torch.Tensor:
+    """`load_image` for the bytes of an image file (an upload): the same fitting, and images over
+    `max_pixels` are refused before they are decoded."""
+    _check_fit(height, width, fit)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise MediaError(f"image is {im.width}x{im.height}: over the limit of {max_pixels} pixels")
+            im.load()
+            img = _to_rgb(ImageOps.exif_transpose(im))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise MediaError(f"cannot read the image: {_one_line(err)}") from err
+    return _fit_image(img, height, width, fit)
+
+
+def _fit_image(img: Image.Image, height: int, width: int, fit: Literal["crop", "pad"]) -> torch.Tensor:
     w0, h0 = img.size
     if fit == "crop":
         scale = max(width / w0, height / h0)

@@ -57,3 +57,9 @@ class AudioBuffer:
         if cut:
             self._data = self._data[cut:].clone()
             self.start += cut
+
+    def silence_from(self, sample: int) -> None:
+        """Set every held sample from absolute index `sample` on to zero."""
+        cut = max(0, sample - self.start)
+        if cut < len(self):
+            self._data[cut:] = 0

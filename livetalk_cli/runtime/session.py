@@ -71,6 +71,32 @@ class AvatarSession:
         self.stream.close()
         self.started = False
 
+    def window_end(self) -> int:
+        """Absolute sample index one past the last sample the next block reads (its frames plus the
+        encoder's look-ahead): the next block can be made once `buffer.end` reaches it."""
+        return self._window(self.stream.block)[1]
+
+    def ready(self) -> bool:
+        return self.started and self.buffer.end >= self.window_end()
+
+    def next_block(self) -> tuple[np.ndarray, np.ndarray]:
+        """Make the next block (`ready()` must hold) → its uint8 frames (T, H, W, 3) and the audio of
+        exactly those frames (T * samples-per-frame float32 samples), what a player plays with them."""
+        self._check_started()
+        if not self.ready():
+            raise RuntimeError("the next block's audio has not all arrived")
+        spf = self.stream.spf
+        start, end = self.stream.video_range()
+        wave, offset = self.buffer.view()
+        audio = wave[start * spf - offset: end * spf - offset].numpy().copy()
+        return self._next(), audio
+
+    def silence_unrendered(self) -> None:
+        """Zero the audio held for frames not made yet (an interruption: what was said but not yet
+        rendered is dropped; the frames already made keep theirs)."""
+        self._check_started()
+        self.buffer.silence_from(self.frames_done * self.stream.spf)
+
     def _check_started(self) -> None:
         if not self.started:
             raise RuntimeError("call start() before feeding audio")
