@@ -287,13 +287,18 @@ def memory_stream(model: LoadedModel, options: StreamOptions, wave_fn: Callable[
             samples.append(memory_mb(model.device))
             if on_progress is not None:
                 on_progress(blocks_done, n_blocks)
-    settle = max(1, len(samples) // 10)  # allocator warm-up: the first 10 % of the stream
+    return {"minutes": got / cfg.fps / 60, "blocks": n_blocks, **flatness(samples)}
+
+
+def flatness(samples: list[float]) -> dict[str, Any]:
+    """Is memory sampled over a stream flat? After the first 10 % (allocator warm-up), the median of
+    the last quarter minus that of the first quarter, within max(16 MB, 2 %)."""
+    settle = max(1, len(samples) // 10)
     steady = samples[settle:] or samples
     quarter = max(1, len(steady) // 4)  # medians of quarters: robust to the allocator's ups and downs
     start, end = statistics.median(steady[:quarter]), statistics.median(steady[-quarter:])
     tolerance = max(16.0, 0.02 * start)
     return {
-        "minutes": got / cfg.fps / 60, "blocks": n_blocks,
         "start_mb": start, "end_mb": end, "min_mb": min(samples), "max_mb": max(samples),
         "growth_mb": end - start, "tolerance_mb": tolerance, "flat": abs(end - start) <= tolerance,
         "samples_mb": samples[:: max(1, len(samples) // 50)],

@@ -259,6 +259,13 @@ def bench(
     speed_only: Annotated[bool, typer.Option("--speed-only", hidden=True)] = False,
     engine: EngineOpt = None,
     engine_backend: EngineBackendOpt = "auto",
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Measure serve-local instead, through its WebSocket API: turn latency, "
+                                           "sessions at once, memory of a --stream-minutes session.")
+    ] = False,
+    sessions: Annotated[int, typer.Option(min=1, help="--serve: try up to this many sessions at once.")] = 4,
+    serve_seconds: Annotated[float, typer.Option(min=3, help="--serve: seconds of each sessions-at-once run.")] = 20.0,
+    turns: Annotated[int, typer.Option(min=1, help="--serve: turns timed per way of sending audio.")] = 8,
 ) -> None:
     """Measure steady-state FPS, first-frame latency, per-stage times, memory and the FLOP floor.
 
@@ -280,6 +287,7 @@ def bench(
       is the growth, flat if within max(16 MB, 2 %).
     Engines: with --engine the streams run the exported components (--engine-backend); --compare
       adds a row per backend found (each side alone, then both).
+    Serving (--serve): see `livetalk_cli/bench_serve.py`; a server and its clients in this process.
     """
     from livetalk_cli.bench import BenchSettings, configure, run_bench
     from livetalk_cli.bench_compare import variant_in_subprocess
@@ -289,6 +297,12 @@ def bench(
     from livetalk_cli.runtime.stream import StreamOptions
     from livetalk_cli.sampling.accel import check_cuda_graphs
 
+    if serve:
+        from livetalk_cli.cli_serve import bench_serve
+
+        bench_serve(checkpoint, preset, random_weights, device, dtype, seed, threads, engine, engine_backend,
+                     sessions, serve_seconds, turns, stream_minutes, json_out)
+        return
     with user_errors():
         settings = BenchSettings(
             height=height, width=width, steps=steps, block_frames=block_frames, sinks=sinks, window=window,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from livetalk_cli.cli_common import (
     DeviceOpt,
@@ -52,8 +53,14 @@ def serve_local(
                                "local program (turn WAV on stdin, reply audio on stdout) or a local HTTP "
                                "endpoint (turn POSTed as audio/wav, reply audio returned).")
     ] = "echo",
-    lead: Annotated[float, typer.Option(min=0.05, help="Seconds of speech made ahead of playback.")] = 1.0,
-    idle_lead: Annotated[float, typer.Option(min=0.05, help="Seconds of idle video made ahead.")] = 0.5,
+    lead: Annotated[
+        float | None, typer.Option(min=0.05, help="Seconds of speech made ahead of playback (default: the idle "
+                                                  "lead plus one block).")
+    ] = None,
+    idle_lead: Annotated[
+        float, typer.Option(min=0.05, help="Seconds of idle video made ahead of playback: enough to make a block "
+                                           "(all sessions' blocks) in; less is a faster answer.")
+    ] = 0.4,
     idle_timeout: Annotated[float, typer.Option(min=1, help="Close a session after this long without a message.")] = (
         300.0),
     allow_origin: Annotated[
@@ -68,7 +75,6 @@ def serve_local(
     visual memory. Open the printed URL in a browser, or drive it over the WebSocket API
     (`livetalk_cli.serve.client`). Ctrl-C stops it.
     """
-    from livetalk_cli.export.load import check_engine_args
     from livetalk_cli.serve.live import Pacing
     from livetalk_cli.serve.protocol import Limits
 
@@ -86,9 +92,7 @@ def serve_local(
             threads=threads, allow_origins=tuple(allow_origin or ()),
         )
         config.check()
-        if engine is not None:
-            check_engine_args(engine, engine_backend, compile=False, cuda_graphs=False)
-        model = _load(checkpoint, preset, random_weights, device, dtype, seed, engine, engine_backend)
+        model = load_serving_model(checkpoint, preset, random_weights, device, dtype, seed, engine, engine_backend)
         query = f"?token={token}" if token else ""
         err.print(f"serving {model.cfg.name} ({model.source}) on http://{host}:{port}/{query}  "
                   f"responder: {config.responder.name}, up to {max_sessions} sessions; Ctrl-C stops",
@@ -96,10 +100,14 @@ def serve_local(
         run_server(model, config, log_level="info" if logging.getLogger().level <= logging.INFO else "warning")
 
 
-def _load(checkpoint: Path | None, preset: object, random_weights: bool, device: str, dtype: DType, seed: int,
-          engine: Path | None, engine_backend: str) -> LoadedModel:
+def load_serving_model(checkpoint: Path | None, preset: object, random_weights: bool, device: str, dtype: DType,
+                       seed: int, engine: Path | None, engine_backend: str) -> LoadedModel:
+    """The model a server loads once (serve-local, bench --serve), engines attached when given."""
+    from livetalk_cli.export.load import check_engine_args
     from livetalk_cli.pipeline import load_model, resolve_device, resolve_dtype
 
+    if engine is not None:
+        check_engine_args(engine, engine_backend, compile=False, cuda_graphs=False)
     dev = resolve_device(device)
     model = load_model(checkpoint=checkpoint, preset_name=getattr(preset, "value", None),
                        random_weights=random_weights, device=dev, dtype=resolve_dtype(dtype.value, dev), seed=seed)
@@ -108,3 +116,33 @@ def _load(checkpoint: Path | None, preset: object, random_weights: bool, device:
 
         model.engines = load_engines(model, engine, engine_backend)
     return model
+
+
+def bench_serve(checkpoint: Path | None, preset: object, random_weights: bool, device: str, dtype: DType,
+                seed: int, threads: int | None, engine: Path | None, engine_backend: str, sessions: int,
+                seconds: float, turns: int, minutes: float, json_out: Path | None) -> None:
+    """`livetalk bench --serve` (the option parsing is bench's, in cli.py)."""
+    from livetalk_cli.files import check_output_file, write_json_atomic
+
+    with user_errors():
+        try:
+            from livetalk_cli.bench_serve import print_serve_bench, run_serve_bench
+        except ImportError as e:
+            raise UserError(f"bench --serve needs the serving extra: pip install -e '.[serve]' ({e})") from None
+        if json_out is not None:
+            check_output_file(json_out)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        model = load_serving_model(checkpoint, preset, random_weights, device, dtype, seed, engine, engine_backend)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("bench --serve", total=None)
+            result = run_serve_bench(
+                model, max_sessions=sessions, seconds=seconds, turns=turns, minutes=minutes,
+                on_status=lambda text: progress.update(task, description=text, completed=0, total=None),
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+        if json_out is not None:
+            write_json_atomic(json_out, result)
+    print_serve_bench(result)

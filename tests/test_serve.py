@@ -322,3 +322,22 @@ def test_http_responder_posts_the_turn_and_speaks_the_reply(speech):
             parse_responder(f"http:{base}/fail").reply(speech[:100], timeout=10)
     finally:
         httpd.shutdown()
+
+
+def test_cli_refuses_an_open_host_without_a_token_and_bench_serve_measures(tmp_path):
+    from typer.testing import CliRunner
+
+    from livetalk_cli.cli import app
+
+    res = CliRunner().invoke(app, ["serve-local", "--host", "0.0.0.0"])
+    assert res.exit_code == 2 and "--token" in res.output
+    res = CliRunner().invoke(app, ["serve-local", "--responder", "telepathy"])
+    assert res.exit_code == 2 and "responder" in res.output
+    out = tmp_path / "serve.json"
+    res = CliRunner().invoke(app, ["bench", "--serve", "--sessions", "1", "--serve-seconds", "3", "--turns", "1",
+                                   "--stream-minutes", "0", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    for row in r["latency"]:
+        assert 0 < row["received_s"]["median"] <= row["mouth_to_ear_s"]["median"] < 10
+    assert r["sessions"][0]["fps"][0] > 5 and "most sessions in real time" in res.output

@@ -30,10 +30,15 @@ from livetalk_cli.serve.protocol import AUDIO_PCM16, VIDEO_JPEG, VIDEO_RAW, from
 
 
 class AvatarClient:
+    """`decode=False` keeps JPEG frames as bytes; `keep=N` keeps only the newest N frames and audio
+    packets (a long session), while `received` counts every frame."""
+
     def __init__(self, ws: ClientConnection):
         self.ws = ws
         self.events: list[tuple[float, dict[str, Any]]] = []
-        self.frames: dict[int, np.ndarray] = {}
+        self.decode, self.keep = True, None
+        self.received = 0
+        self.frames: dict[int, Any] = {}
         self.frame_times: dict[int, float] = {}
         self.audio: dict[int, np.ndarray] = {}  # first sample -> float32 samples
         self.info: dict[str, Any] = {}
@@ -61,7 +66,8 @@ class AvatarClient:
         self.ws.send(json.dumps(message))
 
     def start(self, image: bytes, prompt: str = "", *, seed: int = 0, video: str = "jpeg", fit: str = "crop",
-              timeout: float = 60.0) -> dict[str, Any]:
+              timeout: float = 60.0, decode: bool = True, keep: int | None = None) -> dict[str, Any]:
+        self.decode, self.keep = decode, keep
         after = len(self.events)  # errors of earlier messages are not this start's
         self.send({"type": "start", "image": base64.b64encode(image).decode(), "prompt": prompt, "seed": seed,
                    "video": video, "fit": fit})
@@ -115,10 +121,10 @@ class AvatarClient:
     def wait_frames(self, n: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self.frames) < n:
+            while self.received < n:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closed.is_set():
-                    raise TimeoutError(f"{len(self.frames)} of {n} frames within {timeout} s")
+                    raise TimeoutError(f"{self.received} of {n} frames within {timeout} s")
                 self._cond.wait(left)
 
     def timeline_audio(self) -> np.ndarray:
@@ -130,6 +136,22 @@ class AvatarClient:
         for i, a in self.audio.items():
             out[i: i + len(a)] = a
         return out
+
+    def _media(self, kind: int, index: int, payload: bytes, now: float, h: int, w: int) -> None:
+        if kind == AUDIO_PCM16:
+            self.audio[index] = from_pcm16(payload)
+            _trim(self.audio, self.keep)
+            return
+        if kind == VIDEO_RAW:
+            frame: Any = np.frombuffer(payload, np.uint8).reshape(h, w, 3)
+        elif kind == VIDEO_JPEG:
+            frame = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB")) if self.decode else payload
+        else:
+            return
+        self.frames[index], self.frame_times[index] = frame, now
+        self.received += 1
+        _trim(self.frames, self.keep)
+        _trim(self.frame_times, self.keep)
 
     def _receive(self) -> None:
         h, w = 0, 0
@@ -143,15 +165,7 @@ class AvatarClient:
                             h, w = event["height"], event["width"]
                         self.events.append((now, event))
                     else:
-                        kind, index, payload = unpack_media(message)
-                        if kind == VIDEO_RAW:
-                            self.frames[index] = np.frombuffer(payload, np.uint8).reshape(h, w, 3)
-                            self.frame_times[index] = now
-                        elif kind == VIDEO_JPEG:
-                            self.frames[index] = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
-                            self.frame_times[index] = now
-                        elif kind == AUDIO_PCM16:
-                            self.audio[index] = from_pcm16(payload)
+                        self._media(*unpack_media(message), now, h, w)
                     self._cond.notify_all()
         except ConnectionClosed:
             pass
@@ -159,3 +173,9 @@ class AvatarClient:
             self.closed.set()
             with self._cond:
                 self._cond.notify_all()
+
+
+def _trim(d: dict[int, Any], keep: int | None) -> None:
+    """Keep the newest `keep` entries (insertion order is arrival order)."""
+    while keep is not None and len(d) > keep:
+        del d[next(iter(d))]

@@ -9,7 +9,7 @@ the audio it played.
 
 Playout clock: the timeline position being presented now. It runs with the wall clock from the
 first frame and waits (a stall, counted in `stats`) when frames are late. Blocks are made at most
-`lead_s` ahead of it while speaking and `idle_lead_s` while idle, which bounds memory, keeps a
+`Pacing.lead_s` ahead of it while speaking and `idle_lead_s` while idle, which bounds memory, keeps a
 new turn's latency low and makes an interruption take effect within about a block.
 
 Threads: the client's side (`add_audio`, `end_turn`, `interrupt`, `request_prompt`) runs on the
@@ -55,8 +55,13 @@ class _Turn:
 
 @dataclass
 class Pacing:
-    lead_s: float = 1.0  # how far ahead of the playout clock blocks with speech are made
-    idle_lead_s: float = 0.5  # the same for silent (idle) blocks
+    """How far ahead of the playout clock blocks are made. Idle blocks are made just in time (the
+    idle lead covers a block's making, other sessions' included: see `LiveSession.plan`), so a
+    turn's speech lands soon after it arrives; blocks with speech may run one block further ahead
+    (None: idle lead + one block's duration), so a turn's first block never waits for the clock."""
+
+    lead_s: float | None = None
+    idle_lead_s: float = 0.4
 
 
 @dataclass
@@ -80,6 +85,8 @@ class LiveSession:
         self.avatar = AvatarSession(model, options=StreamOptions(pipelined=False, threads=threads),
                                     buffer_s=30.0)
         self.spf = self.avatar.stream.spf
+        block_s = self.cfg.stream.block_frames * self.cfg.vae.temporal_factor / self.fps
+        self.block_s = block_s
         self.lock = threading.Lock()
         self.closed = False
         self.speech: deque[tuple[int, np.ndarray | None]] = deque()  # (turn, samples | None = turn ends)
@@ -198,8 +205,10 @@ class LiveSession:
 
     # ------------------------------------------------------------------ engine side
 
-    def plan(self, now: float) -> tuple[float, float] | None:
-        """(earliest wall time to run `work`, deadline for earliest-deadline-first), or None."""
+    def plan(self, now: float, backlog_s: float = 0.0) -> tuple[float, float] | None:
+        """(earliest wall time to run `work`, deadline for earliest-deadline-first), or None.
+        `backlog_s`: what making one block of every session takes now (the engine's sum): the idle
+        lead grows to 1.5x that, so a due block is made in time however many sessions wait."""
         if self.closed:
             return None
         with self.lock:
@@ -211,7 +220,10 @@ class LiveSession:
         if self.t0 is None:
             return now, now
         due = self.presentation_time(self.avatar.frames_done)
-        lead = self.pacing.lead_s if speech_ready else self.pacing.idle_lead_s
+        idle = max(self.pacing.idle_lead_s, 1.5 * backlog_s)
+        if not speech_ready:
+            return due - idle, due
+        lead = self.pacing.lead_s if self.pacing.lead_s is not None else idle + self.block_s
         return due - lead, due
 
     def work(self) -> None:
