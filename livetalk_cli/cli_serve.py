@@ -54,11 +54,11 @@ def serve_local(
                                "endpoint (turn POSTed as audio/wav, reply audio returned).")
     ] = "echo",
     lead: Annotated[
-        float | None, typer.Option(min=0.05, help="Seconds of speech made ahead of playback (default: the idle "
-                                                  "lead plus one block).")
+        float | None, typer.Option(min=0.05, help="Seconds ahead of playback a turn's first block may be made "
+                                                  "(default: the idle lead plus one block).")
     ] = None,
     idle_lead: Annotated[
-        float, typer.Option(min=0.05, help="Seconds of idle video made ahead of playback: enough to make a block "
+        float, typer.Option(min=0.05, help="Seconds ahead of playback blocks are made: enough to make a block "
                                            "(all sessions' blocks) in; less is a faster answer.")
     ] = 0.4,
     idle_timeout: Annotated[float, typer.Option(min=1, help="Close a session after this long without a message.")] = (

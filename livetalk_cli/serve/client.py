@@ -129,11 +129,13 @@ class AvatarClient:
 
     def timeline_audio(self) -> np.ndarray:
         """The avatar's audio received so far, placed at its sample indices (gaps are zeros)."""
-        if not self.audio:
+        with self._cond:  # the receiver thread adds packets
+            packets = list(self.audio.items())
+        if not packets:
             return np.zeros(0, np.float32)
-        end = max(i + len(a) for i, a in self.audio.items())
+        end = max(i + len(a) for i, a in packets)
         out = np.zeros(end, np.float32)
-        for i, a in self.audio.items():
+        for i, a in packets:
             out[i: i + len(a)] = a
         return out
 

@@ -55,10 +55,11 @@ class _Turn:
 
 @dataclass
 class Pacing:
-    """How far ahead of the playout clock blocks are made. Idle blocks are made just in time (the
-    idle lead covers a block's making, other sessions' included: see `LiveSession.plan`), so a
-    turn's speech lands soon after it arrives; blocks with speech may run one block further ahead
-    (None: idle lead + one block's duration), so a turn's first block never waits for the clock."""
+    """How far ahead of the playout clock blocks are made. Blocks are made just in time (the idle
+    lead covers a block's making, other sessions' included: see `LiveSession.plan`), so a turn's
+    speech lands soon after it arrives and an interruption cuts speech after the block being made.
+    The block holding a turn's first speech may be made further ahead (`lead_s`; None: idle lead +
+    one block's duration), so it never waits for the clock."""
 
     lead_s: float | None = None
     idle_lead_s: float = 0.4
@@ -216,12 +217,13 @@ class LiveSession:
                 return now, now
             if not self.avatar.started:
                 return None
-            speech_ready = self.avatar.buffer.end + self.pending >= self.avatar.window_end()
+            turn_starts = self.pending > 0 and not self.turns  # the next block holds a new turn's first speech
+            ready = self.avatar.buffer.end + self.pending >= self.avatar.window_end()
         if self.t0 is None:
             return now, now
         due = self.presentation_time(self.avatar.frames_done)
         idle = max(self.pacing.idle_lead_s, 1.5 * backlog_s)
-        if not speech_ready:
+        if not (turn_starts and ready):
             return due - idle, due
         lead = self.pacing.lead_s if self.pacing.lead_s is not None else idle + self.block_s
         return due - lead, due
