@@ -342,3 +342,11 @@ def test_cli_refuses_an_open_host_without_a_token_and_bench_serve_measures(tmp_p
     for row in r["latency"]:
         assert 0 < row["received_s"]["median"] <= row["mouth_to_ear_s"]["median"] < 10
     assert r["sessions"][0]["fps"][0] > 5 and "most sessions in real time" in res.output
+
+
+def test_a_silent_client_is_timed_out_and_its_session_freed(model):
+    with serve_in_thread(model, ServerConfig(limits=Limits(idle_timeout_s=1.5))) as url, \
+            AvatarClient.connect(url) as c:
+        c.start(FACE)
+        assert c.wait_event("error", code="idle_timeout", timeout=20)
+        assert c.closed.wait(10)
