@@ -350,3 +350,28 @@ def test_a_silent_client_is_timed_out_and_its_session_freed(model):
         c.start(FACE)
         assert c.wait_event("error", code="idle_timeout", timeout=20)
         assert c.closed.wait(10)
+
+
+def test_a_failing_responder_is_an_error_line_and_an_interrupt_drops_a_late_reply(tmp_path, model, speech):
+    slow = tmp_path / "slow.py"  # answers after 2 s with its input
+    slow.write_text("import sys, time\ndata = sys.stdin.buffer.read()\ntime.sleep(2)\nsys.stdout.buffer.write(data)\n")
+    for spec in (f"command:{sys.executable} -c 'import sys; sys.exit(3)'", f"command:{sys.executable} {slow}"):
+        with serve_in_thread(model, ServerConfig(responder=parse_responder(spec))) as url, \
+                AvatarClient.connect(url) as c:
+            c.start(FACE, video="raw")
+            c.send_pcm(speech[:8000])
+            c.end_turn()
+            if "exit" in spec:
+                assert "exited with 3" in c.wait_event("error", code="responder", timeout=20)["message"]
+            else:
+                assert c.wait_event("state", state="thinking", timeout=10)
+                c.interrupt()
+            deadline = time.monotonic() + 20
+            while [e["state"] for _, e in c.events if e["type"] == "state"][-1:] != ["idle"]:
+                assert time.monotonic() < deadline, "the session did not go back to idle"
+                time.sleep(0.05)
+            time.sleep(2.5)  # the slow reply has come back by now: dropped
+            assert not [e for _, e in c.events if e["type"] == "turn_started"]
+            assert not c.timeline_audio().any()
+            stats = [e for _, e in c.events if e["type"] == "stats"][-1]
+            assert stats["realtime"] is True and stats["state"] == "idle"

@@ -71,6 +71,10 @@ class _Stats:
     frames: int = 0
     last_block_s: float = 0.0
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))  # (wall, frames)
+    stalls: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=16))  # (wall, stall) per stats
+
+
+REALTIME_WINDOW_S, REALTIME_STALL = 5.0, 0.02  # real time: the player stalled < 2 % of the last 5 s
 
 
 class LiveSession:
@@ -330,7 +334,13 @@ class LiveSession:
         if len(st.recent) > 1 and st.recent[-1][0] > st.recent[0][0]:
             fps = (st.recent[-1][1] - st.recent[0][1]) / (st.recent[-1][0] - st.recent[0][0])
         pos = self.position(now)
+        st.stalls.append((now, self.stall))
+        while len(st.stalls) > 2 and now - st.stalls[1][0] >= REALTIME_WINDOW_S:
+            st.stalls.popleft()
+        stall_old, span = st.stalls[0][1], now - st.stalls[0][0]
+        realtime = span <= 0 or (self.stall - stall_old) < REALTIME_STALL * max(span, 1.0)
         return {"type": "stats", "frames": st.frames, "fps": round(fps, 2), "target_fps": self.fps,
-                "ahead_s": round(st.frames / self.fps - pos, 3), "stall_s": round(self.stall, 3),
+                "realtime": realtime, "ahead_s": round(st.frames / self.fps - pos, 3),
+                "stall_s": round(self.stall, 3),
                 "block_ms": round(1000 * st.last_block_s, 1), "pending_s": round(self.pending / self.rate, 2),
                 "state": self.state()}
