@@ -17,7 +17,6 @@ from livetalk_cli.cli_common import (
     EngineBackendOpt,
     EngineOpt,
     PresetOpt,
-    ThreadsOpt,
     UserError,
     app,
     err,
@@ -66,7 +65,10 @@ def serve_local(
     allow_origin: Annotated[
         list[str] | None, typer.Option(help="Another page origin allowed to open WebSockets; repeatable.")
     ] = None,
-    threads: ThreadsOpt = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU intra-op threads of the engine thread (default: half the cores, "
+                                             "at least one: the server's other threads share them).")
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
@@ -131,16 +133,12 @@ def bench_serve(checkpoint: Path | None, preset: object, random_weights: bool, d
             raise UserError(f"bench --serve needs the serving extra: pip install -e '.[serve]' ({e})") from None
         if json_out is not None:
             check_output_file(json_out)
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         model = load_serving_model(checkpoint, preset, random_weights, device, dtype, seed, engine, engine_backend)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("bench --serve", total=None)
             result = run_serve_bench(
-                model, max_sessions=sessions, seconds=seconds, turns=turns, minutes=minutes,
+                model, max_sessions=sessions, seconds=seconds, turns=turns, minutes=minutes, threads=threads,
                 on_status=lambda text: progress.update(task, description=text, completed=0, total=None),
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total))
         if json_out is not None:

@@ -53,7 +53,7 @@ class ServerConfig:
     responder: Responder = field(default_factory=Responder)
     limits: Limits = field(default_factory=Limits)
     pacing: Pacing = field(default_factory=Pacing)
-    threads: int | None = None  # the engine thread's intra-op threads (CPU); None: torch's default
+    threads: int | None = None  # the engine thread's intra-op threads (CPU); None: half the cores (engine.py)
     allow_origins: tuple[str, ...] = ()
 
     def check(self) -> None:

@@ -6,8 +6,12 @@ in order of the deadline of its next frame (`LiveSession.plan`): a speaking sess
 an idle one's that is due later, and no session waits behind a stalled client (the engine only
 hands frames to the connection, which drops them when its client does not keep up).
 
-On a CPU this thread runs torch's whole intra-op team (one stream at a time is what a 2-core
-machine can do best: see `runtime.threads`); on a GPU it keeps the device busy with one stream.
+On a CPU this thread runs half the intra-op threads by default (at least one): the rest of the
+server (event loop, JPEG and WebRTC encoding, responders) shares the cores, and an OpenMP team
+that spans every core stalls at each barrier whenever one of them is taken (`runtime.threads`).
+Measured with three demo sessions on the 2-vCPU Xeon: blocks of 12 frames took 0.20-0.34 s with a
+2-thread team and 0.17-0.19 s with one thread (occasional 0.34 s in both). On a GPU the thread
+keeps the device busy with one stream.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from livetalk_cli.runtime.threads import total_threads
 from livetalk_cli.serve.live import LiveSession
 
 log = logging.getLogger(__name__)
@@ -29,7 +34,7 @@ class Engine:
         self.sessions: list[LiveSession] = []
         self.cond = threading.Condition()
         self.clock = clock
-        self.threads = threads
+        self.threads = threads if threads else max(1, total_threads(None) // 2)  # CPU intra-op threads
         self.busy_s = 0.0  # time spent in work, for the load figure in stats
         self.started_at = clock()
         self._stop = False
@@ -62,8 +67,7 @@ class Engine:
             self.cond.notify()
 
     def _run(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         with torch.no_grad():
             while True:
                 with self.cond:
