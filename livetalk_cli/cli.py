@@ -264,7 +264,9 @@ def bench(
                                            "sessions at once, memory of a --stream-minutes session.")
     ] = False,
     sessions: Annotated[int, typer.Option(min=1, help="--serve: try up to this many sessions at once.")] = 4,
-    serve_seconds: Annotated[float, typer.Option(min=3, help="--serve: seconds of each sessions-at-once run.")] = 20.0,
+    serve_seconds: Annotated[
+        float, typer.Option(min=5, help="--serve: seconds of each sessions-at-once run (the first 3 not measured).")
+    ] = 20.0,
     turns: Annotated[int, typer.Option(min=1, help="--serve: turns timed per way of sending audio.")] = 8,
 ) -> None:
     """Measure steady-state FPS, first-frame latency, per-stage times, memory and the FLOP floor.

@@ -335,7 +335,7 @@ def test_cli_refuses_an_open_host_without_a_token_and_bench_serve_measures(tmp_p
     res = CliRunner().invoke(app, ["serve-local", "--responder", "telepathy"])
     assert res.exit_code == 2 and "responder" in res.output
     out = tmp_path / "serve.json"
-    res = CliRunner().invoke(app, ["bench", "--serve", "--sessions", "1", "--serve-seconds", "3", "--turns", "1",
+    res = CliRunner().invoke(app, ["bench", "--serve", "--sessions", "1", "--serve-seconds", "6", "--turns", "1",
                                    "--stream-minutes", "0", "--json", str(out)])
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
