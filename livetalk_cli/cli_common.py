@@ -116,6 +116,10 @@ class DType(StrEnum):
     float16 = "float16"
 
 
+CheckpointOpt = Annotated[Path | None, typer.Option(help="Checkpoint folder. Default: the embedded demo model.")]
+RandomWeightsOpt = Annotated[
+    bool, typer.Option("--random-weights", help="The preset's architecture with random weights.")
+]
 PresetOpt = Annotated[Preset | None, typer.Option(help="Model preset. Default: the checkpoint's own.")]
 DeviceOpt = Annotated[str, typer.Option(metavar="[auto|cpu|cuda|cuda:N]", help="Where the model runs.")]
 DTypeOpt = Annotated[DType, typer.Option(help="auto: bf16 on GPU, fp32 on CPU.")]

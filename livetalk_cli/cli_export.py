@@ -11,18 +11,25 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from livetalk_cli.cli_common import DeviceOpt, DType, DTypeOpt, PresetOpt, UserError, app, err, user_errors
+from livetalk_cli.cli_common import (
+    CheckpointOpt,
+    DeviceOpt,
+    DType,
+    DTypeOpt,
+    PresetOpt,
+    RandomWeightsOpt,
+    UserError,
+    app,
+    err,
+    user_errors,
+)
 
 
 @app.command("export")
 def export_cmd(
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint folder. Default: the embedded demo model.")
-    ] = None,
+    checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    random_weights: Annotated[
-        bool, typer.Option("--random-weights", help="The preset's architecture with random weights.")
-    ] = False,
+    random_weights: RandomWeightsOpt = False,
     seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
     formats: Annotated[
         str, typer.Option("--format", metavar="onnx,aoti,trt,trt-rtx",

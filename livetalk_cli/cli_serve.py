@@ -11,12 +11,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from livetalk_cli.cli_common import (
+    CheckpointOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
     EngineBackendOpt,
     EngineOpt,
     PresetOpt,
+    RandomWeightsOpt,
     UserError,
     app,
     err,
@@ -29,13 +31,9 @@ if TYPE_CHECKING:
 
 @app.command("serve-local")
 def serve_local(
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint folder. Default: the embedded demo model.")
-    ] = None,
+    checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    random_weights: Annotated[
-        bool, typer.Option("--random-weights", help="The preset's architecture with random weights.")
-    ] = False,
+    random_weights: RandomWeightsOpt = False,
     engine: EngineOpt = None,
     engine_backend: EngineBackendOpt = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback needs --token.")] = (

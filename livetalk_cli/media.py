@@ -125,12 +125,17 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     audio, _, _ = _decode_audio(check_input_file(path, "audio"), sample_rate)
-    return np.clip(audio.mean(axis=0), -1.0, 1.0).astype(np.float32, copy=False)
+    return _mono(audio)
 
 
 def decode_audio(data: bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """`load_audio` for the bytes of an audio file (an upload)."""
     audio, _, _ = _decode_audio(io.BytesIO(data), sample_rate)
+    return _mono(audio)
+
+
+def _mono(audio: np.ndarray) -> np.ndarray:
+    """(channels, n) -> (n,) float32: channels averaged, clipped to [-1, 1]."""
     return np.clip(audio.mean(axis=0), -1.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -202,13 +207,7 @@ def load_image(
     """
     _check_fit(height, width, fit)
     p = check_input_file(path, "image")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            img = _to_rgb(ImageOps.exif_transpose(im))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise MediaError(f"cannot read image file {p}: {_one_line(err)}") from err
-    return _fit_image(img, height, width, fit)
+    return _fit_image(_read_image(p, f"image file {p}"), height, width, fit)
 
 
 def _check_fit(height: int, width: int, fit: str) -> None:
@@ -224,15 +223,19 @@ def decode_image(
     """`load_image` for the bytes of an image file (an upload): the same fitting, and images over
     `max_pixels` are refused before they are decoded."""
     _check_fit(height, width, fit)
+    return _fit_image(_read_image(io.BytesIO(data), "the image", max_pixels), height, width, fit)
+
+
+def _read_image(source: Path | io.BytesIO, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Open, check the size (before decoding), decode and orient an image -> RGB."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
+        with Image.open(source) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
                 raise MediaError(f"image is {im.width}x{im.height}: over the limit of {max_pixels} pixels")
             im.load()
-            img = _to_rgb(ImageOps.exif_transpose(im))
+            return _to_rgb(ImageOps.exif_transpose(im))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise MediaError(f"cannot read the image: {_one_line(err)}") from err
-    return _fit_image(img, height, width, fit)
+        raise MediaError(f"cannot read {name}: {_one_line(err)}") from err
 
 
 def _fit_image(img: Image.Image, height: int, width: int, fit: Literal["crop", "pad"]) -> torch.Tensor:

@@ -50,7 +50,7 @@ class AvatarSession:
         self._check_started()
         self.buffer.push(pcm)
         out = []
-        while self.buffer.end >= self._window(self.stream.block)[1]:
+        while self.ready():
             out.append(self._next())
         return out
 
@@ -61,7 +61,7 @@ class AvatarSession:
         spf, received = self.stream.spf, self.buffer.end
         out = []
         while self.frames_done * spf < received:
-            missing = self._window(self.stream.block)[1] - self.buffer.end
+            missing = self.window_end() - self.buffer.end
             if missing > 0:
                 self.buffer.push(torch.zeros(missing))
             out.append(self._next())

@@ -78,7 +78,7 @@ class Server:
         return len(self.connections)
 
     def admit(self, conn: Connection) -> None:
-        client = conn.ws.client.host if conn.ws.client else "?"
+        client = _client(conn)
         if self.active() >= self.config.max_sessions:
             raise ProtocolError("busy", f"the server is busy: {self.active()} of {self.config.max_sessions} "
                                 "sessions in use; try again later")
@@ -90,7 +90,7 @@ class Server:
     def release(self, conn: Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            client = conn.ws.client.host if conn.ws.client else "?"
+            client = _client(conn)
             self.per_client[client] -= 1
             if self.per_client[client] <= 0:
                 del self.per_client[client]
@@ -104,6 +104,11 @@ class Server:
         if origin is None:
             return True
         return urlsplit(origin).netloc == host or origin in self.config.allow_origins
+
+
+def _client(conn: Connection) -> str:
+    """The address a connection came from (what the per-client session limit counts)."""
+    return conn.ws.client.host if conn.ws.client else "?"
 
 
 def create_app(model: LoadedModel, config: ServerConfig) -> FastAPI:

@@ -239,7 +239,7 @@ class Connection:
                 buf = io.BytesIO()
                 Image.fromarray(frame).save(buf, format="JPEG", quality=self.jpeg_quality)
                 out.append(pack_media(VIDEO_JPEG, block.frame0 + i, buf.getvalue()))
-        spf = self.session.spf if self.session else 0
+        spf = len(block.audio) // len(block.frames)  # samples per frame
         out.append(pack_media(AUDIO_PCM16, block.frame0 * spf, to_pcm16(block.audio)))
         return out
 

@@ -67,7 +67,6 @@ class Pacing:
 
 @dataclass
 class _Stats:
-    blocks: int = 0
     frames: int = 0
     last_block_s: float = 0.0
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))  # (wall, frames)
@@ -110,7 +109,6 @@ class LiveSession:
         self.stall = 0.0
         self._clock_lock = threading.Lock()
         self.stats = _Stats()
-        self.last_state = ""
 
     # ------------------------------------------------------------------ client side (event loop)
 
@@ -254,7 +252,6 @@ class LiveSession:
         frames, audio = self.avatar.next_block()
         st = self.stats
         st.last_block_s = time.perf_counter() - t
-        st.blocks += 1
         st.frames += len(frames)
         now = self.clock()
         if self.t0 is None:
