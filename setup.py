@@ -1,6 +1,37 @@
-"""Installs the `livetalk` toolkit. The CUDA extension in csrc/ is built only where CUDA is available."""
+"""Installs the `livetalk` toolkit. The CUDA extension in csrc/ is built only where CUDA is available.
+
+`livetalk_cli._csrc` (the fused sink + ring attention kernel of `livetalk::sink_ring_attention`) is
+built when torch is importable at build time, is a CUDA build (`torch.version.cuda`) and finds a CUDA
+toolkit (`CUDA_HOME`): `pip install --no-build-isolation -e .` on a CUDA machine with torch installed.
+Anywhere else (a CPU torch, or pip's isolated build env without torch) the install is pure Python and
+the op runs its reference implementation. LIVETALK_CUDA_ARCHS overrides the architectures ("80;90").
+"""
+
+import os
 
 from setuptools import find_packages, setup
+
+
+def _extensions() -> tuple[list, dict]:
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    archs = os.environ.get("LIVETALK_CUDA_ARCHS", "80;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    ext = CUDAExtension(
+        "livetalk_cli._csrc",
+        ["csrc/sink_ring_attention.cu", "csrc/torch/sink_ring_op.cpp"],
+        include_dirs=[os.path.abspath("csrc/include")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},  # BuildExtension sets -std
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = _extensions()
 
 setup(
     name="livetalk",
@@ -36,4 +67,6 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29", "websockets>=13", "aiortc>=1.9"],
     },
     entry_points={"console_scripts": ["livetalk=livetalk_cli.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

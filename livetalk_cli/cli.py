@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from livetalk_cli.cli_common import (
+    AttentionOpt,
     CompileOpt,
     DeviceOpt,
     DType,
@@ -26,6 +27,7 @@ from livetalk_cli.cli_common import (
     ThreadsOpt,
     UserError,
     app,
+    check_attention,
     err,
     render_progress,
     user_errors,
@@ -66,6 +68,7 @@ def render(
     compile: CompileOpt = False,
     cuda_graphs: GraphsOpt = False,
     threads: ThreadsOpt = None,
+    attention: AttentionOpt = "auto",
     engine: EngineOpt = None,
     engine_backend: EngineBackendOpt = "auto",
 ) -> None:
@@ -88,6 +91,7 @@ def render(
             jobs = read_manifest(manifest, image=image, prompt=prompt)
         else:
             jobs = jobs_from_args(audio or [], image, prompt, out, out_dir)
+        check_attention(attention)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype.value, dev)  # warns once (half precision on CPU)
         dt = str(torch_dtype).removeprefix("torch.")
@@ -145,7 +149,8 @@ def render(
                     highlight=False,
                 )
 
-        options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs, threads=threads)
+        options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs, threads=threads,
+                                attention=attention)
         results = render_batch(
             model, planned, seed=seed, fit=fit.value, options=options,
             on_job_start=start, on_frames=frames, on_job_end=end,
@@ -241,6 +246,7 @@ def bench(
                            help="CPU pipeline: half the intra-op threads for the DiT thread, half for the decoder.")
     ] = True,
     threads: ThreadsOpt = None,
+    attention: AttentionOpt = "auto",
     blocks: Annotated[int, typer.Option(help="Measured blocks per FPS run (>= 20).")] = 20,
     warmup: Annotated[int, typer.Option(help="Blocks of each FPS run before timing starts.")] = 3,
     repeats: Annotated[int, typer.Option(help="Repeats of every timing (median, min, max).")] = 3,
@@ -315,7 +321,9 @@ def bench(
         if json_out is not None:
             check_output_file(json_out)  # before minutes of measuring
         options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs,
-                                compile_backend=compile_backend, split_threads=split_threads, threads=threads)
+                                compile_backend=compile_backend, split_threads=split_threads, threads=threads,
+                                attention=attention)
+        check_attention(attention)
         if cuda_graphs:
             check_cuda_graphs(resolve_device(device))
         if engine is not None:

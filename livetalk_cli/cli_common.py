@@ -133,6 +133,22 @@ CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.
 ThreadsOpt = Annotated[
     int | None, typer.Option(min=1, help="CPU intra-op threads for the stream (default: torch's, one per core).")
 ]
+AttentionOpt = Annotated[
+    str, typer.Option(metavar="auto|sdpa|csrc|flex",
+                      help="Self-attention over the KV cache: sdpa (the reference), csrc (the fused CUDA kernel; "
+                           "its reference op on CPU), flex (FlexAttention). auto: csrc on CUDA where it is "
+                           "built, else sdpa.")
+]
+
+
+def check_attention(name: str) -> None:
+    """--attention's name, before anything loads (whether the kernel can run is known after)."""
+    from livetalk_cli.models.attention import ATTENTION_BACKENDS
+
+    if name not in ATTENTION_BACKENDS:
+        raise UserError(f"unknown --attention {name!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+
+
 GraphsOpt = Annotated[
     bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the block step from CUDA graphs (CUDA only).")
 ]

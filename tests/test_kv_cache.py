@@ -91,12 +91,12 @@ def _random_block(cfg, s, g):
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
 
 
-def _attention_errors(cache_cls, relative: bool) -> list[float]:
+def _attention_errors(cache_cls, relative: bool, backend: str = "sdpa") -> list[float]:
     """Per block: max |cache attention - gathered-history reference| over every layer."""
     cfg = tiny_cfg(sink_frames=SINKS, window_frames=WINDOW, relative_rope=relative)
     grid = (4, 4)
     s = grid[0] * grid[1]
-    cache = cache_cls(cfg.dit, cfg.stream, grid)
+    cache = cache_cls(cfg.dit, cfg.stream, grid, attention=backend)
     ref = HistoryAttention(grid, relative)
     g = torch.Generator().manual_seed(0)
     errors = []
@@ -116,10 +116,12 @@ def _attention_errors(cache_cls, relative: bool) -> list[float]:
     return errors
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "csrc", "flex"])
 @pytest.mark.parametrize("relative", [True, False])
 @torch.no_grad()
-def test_window_attention_equals_gathered_history_through_ring_wraps(relative):
-    errors = _attention_errors(BlockKVCache, relative)
+def test_window_attention_equals_gathered_history_through_ring_wraps(relative, backend):
+    """Every attention backend (csrc: the op's CPU implementation) through partial and wrapped rings."""
+    errors = _attention_errors(BlockKVCache, relative, backend)
     assert max(errors) < 1e-5, errors
 
 
@@ -175,15 +177,15 @@ def _history_stream(cfg, dit, text_kv, noise, ref, audio, relative):
     return outs
 
 
-@pytest.mark.parametrize("relative", [True, False])
+@pytest.mark.parametrize(("relative", "backend"), [(True, "sdpa"), (False, "sdpa"), (True, "csrc")])
 @torch.no_grad()
-def test_cached_stream_equals_history_reference_through_ring_wraps(relative):
+def test_cached_stream_equals_history_reference_through_ring_wraps(relative, backend):
     cfg = tiny_cfg(sink_frames=SINKS, window_frames=WINDOW, relative_rope=relative)
     dit = tiny_dit(cfg, seed=2)
     text_kv = random_text_kv(dit, cfg)
     noise, ref, audio = _stream_inputs(cfg, dit)
     want = _history_stream(cfg, dit, text_kv, noise, ref, audio, relative)
-    sampler = BlockSampler(dit, cfg)
+    sampler = BlockSampler(dit, cfg, attention=backend)
     sampler.start(text_kv, ref)
     got = [sampler.denoise_block(nz, audio[:, :, n * BF:(n + 1) * BF]) for n, nz in enumerate(noise)]
     for n, (a, b) in enumerate(zip(got, want, strict=True)):

@@ -12,14 +12,18 @@ Np cached (past) tokens, Nb tokens of the block, NL layers, P = D // 2.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from livetalk_cli.models.rope import apply_rope
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "csrc", "flex")  # for the cached window (`WindowAttention`)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -94,6 +98,9 @@ class KVWindow:
     RoPE tables of the block being denoised (its queries and its own keys). mask: (1, 1, 1, Np + Nb)
     bool, True = may attend, or None once every slot holds a committed frame (so SDPA may take its
     unmasked kernels). Static shapes: the same tensors, updated in place, for a whole stream.
+    backend: the attention backend (`ATTENTION_BACKENDS`, resolved: not "auto"); sink_tokens: the
+    sinks' capacity, where the ring starts; seg: int32 (2,) valid sink and ring tokens (the
+    `livetalk::sink_ring_attention` op's input; None: computed from the mask).
     """
 
     k: Tensor
@@ -101,6 +108,9 @@ class KVWindow:
     cos: Tensor
     sin: Tensor
     mask: Tensor | None
+    backend: str = "sdpa"
+    sink_tokens: int = 0
+    seg: Tensor | None = None
 
 
 class WindowAttention:
@@ -108,26 +118,81 @@ class WindowAttention:
 
     Never writes into the window: with `keep_kv` it collects each layer's new K (after the q/k
     norm, before RoPE) and V, which `BlockKVCache.commit` stores between passes.
+
+    Backends (`KVWindow.backend`): "sdpa" concatenates [window | block] and runs SDPA under the
+    validity mask; "csrc" calls `livetalk::sink_ring_attention` (the fused CUDA kernel where the
+    extension is built, its gathered-segments reference elsewhere; inference only: with autograd on
+    it runs SDPA); "flex" runs FlexAttention with a block mask from the validity mask.
     """
 
     def __init__(self, window: KVWindow, keep_kv: bool = False):
         self.window, self.keep_kv = window, keep_kv
         self.new_k: list[Tensor] = []
         self.new_v: list[Tensor] = []
+        self._shared: Tensor | object | None = None  # per pass, all layers: csrc's seg / flex's block mask
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         w = self.window
         cos, sin, mask = w.cos, w.sin, w.mask
-        if torch.is_grad_enabled():  # training: autograd must not save tensors a commit overwrites
-            cos, sin = cos.clone(), sin.clone()
-            mask = None if mask is None else mask.clone()
         if self.keep_kv:
             self.new_k.append(k)
             self.new_v.append(v)
+        grad = torch.is_grad_enabled()
+        if w.backend == "csrc" and not grad:
+            return self._csrc(layer, q, k, v)
+        if grad:  # training: autograd must not save tensors a commit overwrites
+            cos, sin = cos.clone(), sin.clone()
+            mask = None if mask is None else mask.clone()
         k_all = torch.cat([w.k[layer], apply_rope(k, cos, sin).to(w.k.dtype)], dim=1)
         v_all = torch.cat([w.v[layer], v.to(w.v.dtype)], dim=1)
-        return attention(apply_rope(q, cos, sin), k_all, v_all, mask)
+        q = apply_rope(q, cos, sin)
+        if w.backend == "flex" and mask is not None:
+            return self._flex(q, k_all, v_all, mask)
+        return attention(q, k_all, v_all, mask)
 
     def block_kv(self) -> tuple[Tensor, Tensor]:
         """(NL, B, Nb, H, D) pre-RoPE keys and values of the block, one layer after another."""
         return torch.stack(self.new_k), torch.stack(self.new_v)
+
+    def _csrc(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from livetalk_cli.kernels import sink_ring
+
+        w = self.window
+        if self._shared is None:
+            past = w.k.shape[2]
+            self._shared = w.seg if w.seg is not None else (
+                sink_ring.segments(w.mask, w.sink_tokens, past) if w.mask is not None
+                else torch.tensor([w.sink_tokens, past - w.sink_tokens], dtype=torch.int32, device=q.device))
+        seg = self._shared
+        assert isinstance(seg, Tensor)
+        args = (q, k.to(w.k.dtype), v.to(w.v.dtype), w.k[layer], w.v[layer], w.cos, w.sin, seg, w.sink_tokens)
+        if torch.onnx.is_in_onnx_export():
+            return sink_ring.onnx_node(*args)
+        return torch.ops.livetalk.sink_ring_attention(*args)
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if self._shared is None:
+            valid = mask.reshape(-1)
+
+            def may_attend(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                return valid[kv_idx]
+
+            self._shared = create_block_mask(may_attend, None, None, q.shape[1], k.shape[1], device=q.device)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if q.device.type == "cuda":  # FlexAttention's fused kernels come from torch.compile
+            out = _compiled_flex()(q, k, v, block_mask=self._shared)
+        else:  # CPU: its unfused eager path (the backend exists for GPU comparisons and training masks)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+                out = flex_attention(q, k, v, block_mask=self._shared)
+        assert isinstance(out, Tensor)
+        return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from livetalk_cli.config import latents_for_video_frames
 from livetalk_cli.errors import UserError
+from livetalk_cli.kernels.sink_ring import resolve_backend
 from livetalk_cli.models.audio import frame_features, samples_per_frame, window_frames
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.models.vae import StillReference
@@ -73,10 +74,12 @@ class StreamOptions:
     compile_backend: str = "inductor"
     split_threads: bool = True  # CPU pipeline: half the intra-op threads to the DiT, half to the decoder
     threads: int | None = None  # CPU thread budget of the stream (None: OMP_NUM_THREADS or one per core)
+    attention: str = "auto"  # the cached window's attention backend (models.attention.ATTENTION_BACKENDS)
 
     def label(self) -> str:
         on = [n for n, v in (("pipelined", self.pipelined), ("compile", self.compile),
                              ("cuda-graphs", self.cuda_graphs)) if v]
+        on += [f"attention={self.attention}"] if self.attention not in ("auto", "sdpa") else []
         return "+".join(on) or "sequential eager"
 
 
@@ -98,7 +101,9 @@ class AvatarStream:
         if engines is not None:
             check_engine_options(compile=compile, cuda_graphs=cuda_graphs)
         passes = engines.passes if engines is not None else None
-        self.sampler = BlockSampler(model.dit, cfg, device=model.device, passes=passes)
+        attention = resolve_backend(options.attention, model.device, next(model.dit.parameters()).dtype,
+                                    cfg.dit.head_dim) if passes is None else "sdpa"  # engines: fixed at export
+        self.sampler = BlockSampler(model.dit, cfg, device=model.device, passes=passes, attention=attention)
         if compile or cuda_graphs:
             self.sampler.accelerate(compile=compile, cuda_graphs=cuda_graphs, backend=options.compile_backend)
         self.options = options

@@ -136,10 +136,10 @@ def block_step(
 class BlockSampler:
     """Streams blocks of latents: `start()` once per stream, then `denoise_block()` per block.
     `passes`: run the DiT's passes through an exported engine instead of `dit` (which still
-    fixes the cache's dtype)."""
+    fixes the cache's dtype). `attention`: the window's backend, resolved (`BlockKVCache`)."""
 
     def __init__(self, dit: WanDiT, cfg: ModelConfig, *, batch: int = 1, device: torch.device | str = "cpu",
-                 passes: PassRunner | None = None):
+                 passes: PassRunner | None = None, attention: str = "sdpa"):
         self.dit, self.cfg = dit, cfg
         self.runner: DiTRunner = dit if passes is None else passes
         self.device = torch.device(device)
@@ -147,8 +147,8 @@ class BlockSampler:
         h, w = cfg.latent_hw
         _, ph, pw = cfg.dit.patch_size
         self.cache = BlockKVCache(
-            cfg.dit, cfg.stream, (h // ph, w // pw), batch=batch, device=self.device, dtype=dtype
-        )
+            cfg.dit, cfg.stream, (h // ph, w // pw), batch=batch, device=self.device, dtype=dtype,
+            attention=attention)
         self.sigmas = sampling_sigmas(cfg.stream.num_steps, cfg.stream.shift).float().to(self.device)
         f = cfg.stream.block_frames
         self._pin_rest = torch.zeros(1, 1, f, 1, 1, device=self.device)

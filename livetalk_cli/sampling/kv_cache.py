@@ -47,7 +47,9 @@ class BlockKVCache:
         batch: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        attention: str = "sdpa",
     ):
+        """attention: the window's backend (resolved, see `kernels.sink_ring.resolve_backend`)."""
         stream.validate()
         self.block_frames = stream.block_frames
         self.sink_frames = stream.sink_frames
@@ -70,8 +72,11 @@ class BlockKVCache:
         self.cos = torch.zeros(n_blk, dit.head_dim // 2, device=self.device)  # the block's tables
         self.sin = torch.zeros_like(self.cos)
         self.mask = torch.zeros(1, 1, 1, self.past_slots * s + n_blk, device=self.device, dtype=torch.bool)
-        self._masked = KVWindow(self.k, self.v, self.cos, self.sin, self.mask)
-        self._full = KVWindow(self.k, self.v, self.cos, self.sin, None)
+        self.seg = torch.zeros(2, device=self.device, dtype=torch.int32)  # valid sink, ring tokens
+        self.attention = attention
+        layout = dict(backend=attention, sink_tokens=self.sink_frames * s, seg=self.seg)
+        self._masked = KVWindow(self.k, self.v, self.cos, self.sin, self.mask, **layout)
+        self._full = KVWindow(self.k, self.v, self.cos, self.sin, None, **layout)
         self.reset()
 
     # --- host bookkeeping (once per block) ----------------------------------------------
@@ -163,3 +168,6 @@ class BlockKVCache:
         self.sin.copy_(sin)
         valid = torch.tensor(self._valid + [True] * self.block_frames, device=self.device)
         self.mask.copy_(valid.repeat_interleave(self.tokens_per_frame).view(1, 1, 1, -1))
+        s = self.tokens_per_frame
+        seg = [self.sinks_filled * s, self.ring_filled * self.block_frames * s]
+        self.seg.copy_(torch.tensor(seg, dtype=torch.int32))
