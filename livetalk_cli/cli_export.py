@@ -48,6 +48,12 @@ def export_cmd(
     device: DeviceOpt = "auto",
     dtype: DTypeOpt = DType.auto,
     force: Annotated[bool, typer.Option("--force", help="Rebuild artifacts that are up to date.")] = False,
+    attention: Annotated[
+        str, typer.Option(metavar="sdpa|csrc",
+                          help="The DiT's attention over the KV cache: sdpa (MatMul/Softmax everywhere) or csrc "
+                               "(the livetalk::sink_ring_attention op: AOTInductor calls it, the fused CUDA kernel "
+                               "where built; ONNX gets a livetalk::SinkRingAttention node ONNX Runtime cannot run).")
+    ] = "sdpa",
 ) -> None:
     """Export the DiT's denoise and refill passes and the streaming VAE decoder (first latent, steady
     step) with the KV cache and the decoder's conv cache as explicit inputs and outputs.
@@ -56,7 +62,7 @@ def export_cmd(
     each component's manifest.json). An export that is up to date does nothing; --force rebuilds.
     Run the engines with `livetalk render --engine DIR` or `livetalk bench --engine DIR`.
     """
-    from livetalk_cli.export.build import check_formats, export_model
+    from livetalk_cli.export.build import check_attention, check_formats, export_model
     from livetalk_cli.export.contract import COMPONENTS
     from livetalk_cli.files import check_writable
     from livetalk_cli.pipeline import load_model, resolve_device, resolve_dtype
@@ -67,6 +73,7 @@ def export_cmd(
         if bad:
             raise UserError(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
         fmts = check_formats(fmts)  # before the model loads, like the folder check
+        check_attention(attention, fmts)
         check_writable(out / ".probe")
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype.value, dev)
@@ -75,7 +82,7 @@ def export_cmd(
             task = progress.add_task("loading model", total=None)
             model = load_model(checkpoint=checkpoint, preset_name=preset and preset.value,
                                random_weights=random_weights, device=dev, dtype=torch_dtype, seed=seed)
-            report = export_model(model, out, fmts, force=force, only=component, trt_sm=trt_sm,
+            report = export_model(model, out, fmts, force=force, only=component, trt_sm=trt_sm, attention=attention,
                                   on_status=lambda s: progress.update(task, description=f"exporting {s}"))
     table = Table(title=f"{report.folder}", title_justify="left")
     for col in ("component", "format", "file", "MB", "build s", "max |Δ| vs eager"):

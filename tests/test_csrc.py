@@ -199,15 +199,21 @@ def test_window_attention_csrc_computes_seg_from_the_mask():
     torch.testing.assert_close(Block(16)(*inputs).double(), explicit_reference(*op_args), atol=1e-5, rtol=1e-5)
 
 
-@torch.no_grad()
 def test_torch_export_keeps_the_op_and_aotinductor_calls_it(tmp_path):
+    """Exported with autograd on (as torch.export runs) and run on another cache state than the example's."""
     inputs, _ = block_inputs()
     module = Block(16).eval()
     ep = torch.export.export(module, inputs)
-    assert any(n.target is OP for n in ep.graph.nodes)
+    assert sum(n.target is OP for n in ep.graph.nodes) == 1
     pkg = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "block.pt2"))
-    got = torch._inductor.aoti_load_package(pkg)(*inputs)
-    torch.testing.assert_close(got, module(*inputs), atol=1e-5, rtol=1e-5)
+    run = torch._inductor.aoti_load_package(pkg)
+    with torch.no_grad():
+        torch.testing.assert_close(run(*inputs), module(*inputs), atol=1e-5, rtol=1e-5)
+        other = list(inputs)
+        other[7] = torch.ones_like(inputs[7])  # the full window
+        got, want = run(*other), module(*other)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (want - module(*inputs)).abs().max() > 1e-2  # the two states differ
 
 
 @torch.no_grad()

@@ -232,6 +232,34 @@ def test_engine_variants_and_backend_parsing(tiny, tiny_engines):
     assert (auto.dit_backend, auto.vae_backend) == ("onnx", "eager")
 
 
+def test_export_with_the_csrc_attention_op(tmp_path, tiny):
+    """--attention csrc: each DiT layer is one livetalk::SinkRingAttention node (checked against eager
+    by nothing here: ONNX Runtime has no kernel for it, so the manifest says so and --engine refuses
+    it); TensorRT and flex are refused before the model loads. AOTInductor with the op: test_csrc."""
+    onnx = pytest.importorskip("onnx")
+    root = tmp_path / "engines"
+    with intra_op_threads(1):
+        res = export(*TINY, "--out", str(root), "--attention", "csrc")
+    assert res.exit_code == 0, res.output
+    (folder,) = root.iterdir()
+    layers = tiny.cfg.dit.num_layers
+    # the refill's last attention feeds only the flow, which it does not return
+    for name, calls in (("dit_denoise", layers), ("dit_refill", layers - 1)):
+        data = json.loads((folder / name / "manifest.json").read_text())
+        assert data["attention"] == "csrc" and data["artifacts"]["onnx"]["parity"] is None
+        assert "ONNX Runtime has no kernel" in data["artifacts"]["onnx"]["parity_note"]
+        graph = onnx.load(str(folder / name / "model.onnx")).graph
+        nodes = [n for n in graph.node if n.op_type == "SinkRingAttention" and n.domain == "livetalk"]
+        assert len(nodes) == calls
+    assert json.loads((folder / "vae_step" / "manifest.json").read_text())["attention"] == "sdpa"
+    with pytest.raises(UserError, match="which ONNX Runtime cannot run: use --engine-backend aoti"):
+        load_engines(tiny, folder, "onnx")
+    assert load_engines(tiny, folder).dit_backend == "eager"  # auto passes over the ONNX graphs
+    for args, message in ((["--format", "trt-rtx"], "TensorRT needs the csrc plugin"), ([], "sdpa or csrc")):
+        res = export(*TINY, "--out", str(root), *args, "--attention", "csrc" if args else "flex")
+        assert res.exit_code == 2 and message in res.output, res.output
+
+
 def test_corrupt_or_truncated_artifacts_are_one_line(tmp_path, tiny, tiny_engines):
     broken = tmp_path / tiny_engines.name
     shutil.copytree(tiny_engines, broken)

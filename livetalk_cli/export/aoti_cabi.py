@@ -12,7 +12,10 @@ Tensors cross as `AtenTensorHandle`s made by torch's own helpers
 (`torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors`, `alloc_tensors_by_stealing_from_void_ptrs`);
 the model takes ownership of the input handles and hands over new output handles (1,500 calls with
 fresh inputs: resident memory flat). A CPU package built with its constants inside the model's
-shared library is what this supports; anything else is None (the caller keeps torch's runner).
+shared library is what this supports; anything else is None (the caller keeps torch's runner), a
+package that calls custom operators too (`livetalk::sink_ring_attention` with `--attention csrc`):
+those go through torch's proxy executor, which only torch's runner provides (its `<wrapper>.json`
+lists the calls).
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def cabi_runner(package: Path) -> CabiRunner | None:
     try:
         with zipfile.ZipFile(package) as z:
             libs = [n for n in z.namelist() if n.endswith(".so")]
-            others = [n for n in z.namelist() if n.endswith((".blob", ".o", ".bin"))]
+            others = [n for n in z.namelist() if n.endswith((".blob", ".o", ".bin"))
+                      or (n.endswith(".json") and not n.endswith("_metadata.json"))]  # extern (custom op) calls
             if len(libs) != 1 or others:
                 return None
             folder = Path(tempfile.mkdtemp(prefix="livetalk-aoti-"))

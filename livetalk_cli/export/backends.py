@@ -160,6 +160,7 @@ class AotiEngine:
     Python runner holds it for a whole call and stalls a pipeline's other thread: `aoti_cabi`)."""
 
     def __init__(self, path: Path, contract: Contract, device: torch.device):
+        import livetalk_cli.kernels.sink_ring  # noqa: F401  (the op a --attention csrc package calls)
         from livetalk_cli.export.aoti_cabi import cabi_runner
 
         self.contract = contract

@@ -25,8 +25,9 @@ from livetalk_cli.errors import UserError
 from livetalk_cli.export import backends
 from livetalk_cli.export.backends import EagerEngine, Engine, artifact_name, file_size
 from livetalk_cli.export.contract import COMPONENTS, Component, components
-from livetalk_cli.export.manifest import manifest_payload, model_folder, weights_hash
+from livetalk_cli.export.manifest import attention_of, manifest_payload, model_folder, weights_hash
 from livetalk_cli.files import atomic_dir, check_writable
+from livetalk_cli.kernels import sink_ring
 from livetalk_cli.pipeline import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ def _kept(folder: Path, want: dict[str, Any], formats: list[str], force: bool) -
         return {}
     if any(old.get(k) != want[k] for k in ("format", "model", "dtype", "weights_sha256", "contract")):
         return {}
+    if attention_of(old) != attention_of(want):
+        return {}
     return {fmt: e for fmt, e in old.get("artifacts", {}).items() if fmt in formats and _still_valid(fmt, folder, e)}
 
 
@@ -98,8 +101,12 @@ def _build_one(fmt: str, comp: Component, tmp: Path, reference: tuple[torch.Tens
     if fmt == "onnx":
         backends.export_onnx(comp, tmp / "model.onnx")
         seconds = time.perf_counter() - t0
-        engine: Engine | None = backends.OrtEngine(tmp / "model.onnx", c, device)
         entry: dict[str, Any] = {"file": artifact_name(fmt), "onnx_opset": backends.OPSET}
+        engine: Engine | None = None
+        if uses_custom_op(comp):
+            entry["parity_note"] = f"not run: ONNX Runtime has no kernel for {sink_ring.ONNX_OP} (--attention csrc)"
+        else:
+            engine = backends.OrtEngine(tmp / "model.onnx", c, device)
     elif fmt == "aoti":
         backends.export_aoti(comp, tmp / "model.pt2")
         seconds = time.perf_counter() - t0
@@ -128,6 +135,22 @@ def _build_one(fmt: str, comp: Component, tmp: Path, reference: tuple[torch.Tens
             raise UserError(f"{c.component} as {fmt} differs from eager by relative L2 "
                             f"{entry['parity']['rel_l2']:.2e} (limit {limit:.0e}); nothing was written")
     return entry
+
+
+def uses_custom_op(comp: Component) -> bool:
+    return getattr(comp.module, "attention", "sdpa") == "csrc"
+
+
+def check_attention(attention: str, formats: list[str]) -> None:
+    """--attention for an export: sdpa anywhere; csrc into AOTInductor (which calls the op) and ONNX (a
+    livetalk::SinkRingAttention node for TensorRT with csrc/trt's plugin), not into TensorRT here."""
+    if attention not in ("sdpa", "csrc"):
+        raise UserError(f"export --attention takes sdpa or csrc, not {attention!r}")
+    trt = [f for f in formats if f in ("trt", "trt-rtx")]
+    if attention == "csrc" and trt:
+        raise UserError(f"--attention csrc cannot build {', '.join(trt)} here: TensorRT needs the csrc plugin "
+                        "(cmake -DLIVETALK_TRT_PLUGIN=ON) loaded, which this toolkit does not load yet; "
+                        "export --format onnx and build with the plugin, or use --attention sdpa")
 
 
 def check_formats(formats: list[str]) -> list[str]:
@@ -159,21 +182,25 @@ def export_model(
     force: bool = False,
     only: list[str] | None = None,
     trt_sm: str | None = None,
+    attention: str = "sdpa",
     on_status: Callable[[str], None] = lambda s: None,
 ) -> ExportReport:
-    """Export `only` (default: every component) of `model` in `formats` under `out_root`."""
+    """Export `only` (default: every component) of `model` in `formats` under `out_root`, the DiT's
+    window attention as `attention` ("sdpa" or "csrc")."""
     formats = check_formats(formats)
+    check_attention(attention, formats)
     check_writable(Path(out_root) / ".probe")
     cfg, dtype = model.cfg, model.dtype
     on_status("hashing weights")
     whash = weights_hash(model.dit, model.vae)
     folder = model_folder(out_root, cfg, whash)
     report = ExportReport(folder)
-    comps = components(cfg, model.dit, model.vae)
+    comps = components(cfg, model.dit, model.vae, attention=attention)
     for name in only or list(COMPONENTS):
         comp = comps[name]
         target = folder / name
-        want = manifest_payload(name, comp.contract, cfg, dtype, whash, {})
+        want = manifest_payload(name, comp.contract, cfg, dtype, whash, {},
+                                attention="csrc" if uses_custom_op(comp) else "sdpa")
         kept = _kept(target, want, formats, force)
         todo = [f for f in formats if f not in kept]
         report.kept += [(name, f) for f in kept]

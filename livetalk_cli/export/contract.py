@@ -143,10 +143,12 @@ def stack_text_kv(text_kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
 class DiTPass(nn.Module):
     """`dit_pass` over contract-ordered tensors: flow (denoise) or the block's K/V (refill)."""
 
-    def __init__(self, dit: WanDiT, cfg: ModelConfig, refill: bool):
+    def __init__(self, dit: WanDiT, cfg: ModelConfig, refill: bool, attention: str = "sdpa"):
         super().__init__()
-        self.dit, self.refill = dit, refill
+        self.dit, self.refill, self.attention = dit, refill, attention
         self.names = dit_input_names(cfg)
+        h, w = cfg.latent_hw
+        self.sink_tokens = cfg.stream.sink_frames * (h // cfg.dit.patch_size[1]) * (w // cfg.dit.patch_size[2])
 
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         from livetalk_cli.sampling.block_sampler import dit_pass
@@ -154,7 +156,8 @@ class DiTPass(nn.Module):
         a = dict(zip(self.names, inputs, strict=True))
         nl = a["text_k"].shape[0]
         cond = Conditioning([(a["text_k"][i], a["text_v"][i]) for i in range(nl)], a.get("y"), a.get("audio"))
-        window = KVWindow(a["past_k"], a["past_v"], a["rope_cos"], a["rope_sin"], a["mask"])
+        window = KVWindow(a["past_k"], a["past_v"], a["rope_cos"], a["rope_sin"], a["mask"], backend=self.attention,
+                          sink_tokens=self.sink_tokens)  # csrc: the op's seg from the mask, in the graph
         flow, k_blk, v_blk = dit_pass(self.dit, a["x"], a["t"], cond, window, keep_kv=self.refill)
         if self.refill:
             assert k_blk is not None and v_blk is not None
@@ -215,15 +218,18 @@ def slot_names(vae: WanVAE, prefix: str = "slot") -> list[str]:
     return [f"{prefix}_{i:02d}" for i in range(len(vae.decoder_slot_names()))]
 
 
-def components(cfg: ModelConfig, dit: WanDiT, vae: WanVAE, *, seed: int = 0) -> dict[str, Component]:
-    """Every exportable component of a model, with its contract and example inputs."""
+def components(cfg: ModelConfig, dit: WanDiT, vae: WanVAE, *, seed: int = 0, attention: str = "sdpa"
+               ) -> dict[str, Component]:
+    """Every exportable component of a model, with its contract and example inputs. `attention`:
+    the DiT passes' window backend ("sdpa": MatMul/Softmax; "csrc": the `livetalk::sink_ring_attention`
+    op, a custom-domain node in ONNX)."""
     dtype = next(dit.parameters()).dtype
     device = next(dit.parameters()).device
     ex = dit_example(cfg, dtype, device, seed)
     names = dit_input_names(cfg)
     out: dict[str, Component] = {
-        "dit_denoise": _contract("dit_denoise", DiTPass(dit, cfg, refill=False), names, ["flow"], ex),
-        "dit_refill": _contract("dit_refill", DiTPass(dit, cfg, refill=True), names, ["block_k", "block_v"], ex),
+        "dit_denoise": _contract("dit_denoise", DiTPass(dit, cfg, False, attention), names, ["flow"], ex),
+        "dit_refill": _contract("dit_refill", DiTPass(dit, cfg, True, attention), names, ["block_k", "block_v"], ex),
     }
     vdt = next(vae.parameters()).dtype
     g = torch.Generator().manual_seed(seed + 1)

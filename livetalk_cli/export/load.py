@@ -20,6 +20,7 @@ from livetalk_cli.errors import UserError
 from livetalk_cli.export import backends
 from livetalk_cli.export.backends import Engine, file_size
 from livetalk_cli.export.manifest import (
+    attention_of,
     check_manifest,
     contract_of,
     find_model_folder,
@@ -73,6 +74,9 @@ def _runnable(fmt: str, folder: Path, data: dict[str, Any], device: torch.device
     if entry is None:
         built = ", ".join(data["artifacts"]) or "nothing"
         return f"{folder} has no {fmt} build (it has {built}): livetalk export --format {fmt}"
+    if fmt == "onnx" and attention_of(data) == "csrc":
+        return (f"{folder / entry['file']} calls livetalk::SinkRingAttention (exported with --attention csrc), "
+                "which ONNX Runtime cannot run: use --engine-backend aoti or eager")
     if fmt == "aoti" and entry.get("device") != device.type:
         return f"{folder / entry['file']} was compiled for {entry.get('device')}, not {device.type}"
     if fmt == "trt" and _plan_for(folder, data, device) is None:

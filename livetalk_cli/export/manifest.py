@@ -116,11 +116,17 @@ def find_model_folder(path: Path, cfg: ModelConfig, whash: str) -> Path:
 
 
 def manifest_payload(component: str, contract: Contract, cfg: ModelConfig, dtype: torch.dtype, whash: str,
-                     artifacts: dict[str, Any]) -> dict[str, Any]:
+                     artifacts: dict[str, Any], attention: str = "sdpa") -> dict[str, Any]:
+    """attention: the DiT passes' window backend (`components`); "sdpa" for the decoder."""
     return {"format": FORMAT, "component": component,
             "model": {"name": cfg.name, "config": json.loads(json.dumps(cfg.to_dict()))},
             "dtype": DTYPE_NAMES[dtype], "weights_sha256": whash, "contract": contract.to_json(),
-            "versions": versions(), "artifacts": artifacts}
+            "attention": attention, "versions": versions(), "artifacts": artifacts}
+
+
+def attention_of(data: dict[str, Any]) -> str:
+    """A manifest's window backend (manifests from before the csrc op: "sdpa")."""
+    return str(data.get("attention", "sdpa"))
 
 
 def contract_of(data: dict[str, Any]) -> Contract:

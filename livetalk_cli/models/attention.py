@@ -121,8 +121,8 @@ class WindowAttention:
 
     Backends (`KVWindow.backend`): "sdpa" concatenates [window | block] and runs SDPA under the
     validity mask; "csrc" calls `livetalk::sink_ring_attention` (the fused CUDA kernel where the
-    extension is built, its gathered-segments reference elsewhere; inference only: with autograd on
-    it runs SDPA); "flex" runs FlexAttention with a block mask from the validity mask.
+    extension is built, its gathered-segments reference elsewhere; inference only: when autograd
+    needs the block's gradients it runs SDPA); "flex" runs FlexAttention with a block mask from the validity mask.
     """
 
     def __init__(self, window: KVWindow, keep_kv: bool = False):
@@ -138,7 +138,7 @@ class WindowAttention:
             self.new_k.append(k)
             self.new_v.append(v)
         grad = torch.is_grad_enabled()
-        if w.backend == "csrc" and not grad:
+        if w.backend == "csrc" and not (grad and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return self._csrc(layer, q, k, v)
         if grad:  # training: autograd must not save tensors a commit overwrites
             cos, sin = cos.clone(), sin.clone()
