@@ -21,7 +21,7 @@ from livetalk_cli.runtime.stream import StreamOptions
 def variants(base: StreamOptions, device: torch.device) -> list[StreamOptions]:
     """Baseline, then each optimisation added in turn, for --compare."""
     out = [StreamOptions(pipelined=False, compile_backend=base.compile_backend, split_threads=base.split_threads,
-                         threads=base.threads)]
+                         threads=base.threads, attention=base.attention)]
     out.append(dataclasses.replace(out[-1], pipelined=True))
     out.append(dataclasses.replace(out[-1], compile=True))
     if device.type == "cuda":
@@ -39,7 +39,7 @@ def variant_in_subprocess(args: list[str], options: StreamOptions, engine_backen
              "--cuda-graphs" if options.cuda_graphs else "--no-cuda-graphs",
              "--split-threads" if options.split_threads else "--no-split-threads",
              *(["--threads", str(options.threads)] if options.threads else []),
-             "--compile-backend", options.compile_backend,
+             "--compile-backend", options.compile_backend, "--attention", options.attention,
              *(["--engine-backend", engine_backend] if engine_backend else [])]
     label = (f"{'pipelined' if options.pipelined else 'sequential'} + engine {engine_backend}" if engine_backend
              else options.label())
