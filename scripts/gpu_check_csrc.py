@@ -1,7 +1,7 @@
-"""Every GPU check of the csrc kernel, in one run (about 6 minutes on an H200):
+"""The Python half of the csrc kernel's GPU checks; scripts/gpu_check_csrc.sh builds the extension
+and the C++ harness first and runs both (one device call, about 7 minutes on an H200):
 
     LIVETALK_CUDA_ARCHS=90 python3 setup.py build_ext --inplace   # livetalk_cli/_csrc*.so
-    cmake -S . -B build/csrc -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build/csrc -j
     python3 scripts/gpu_check_csrc.py --out OUT/     # parity, timing, then `bench` with/without
 
 1. Parity of `livetalk::sink_ring_attention` (the CUDA kernel) against its reference (SDPA over the
