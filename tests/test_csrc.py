@@ -5,7 +5,8 @@ AOTInductor and ONNX.
 The reference never calls the code it checks: keys are gathered by index rules written out below
 (sinks: a prefix of the cache; ring: a prefix from row sink_cap; then the block), the block's keys and
 the queries are rotated as complex numbers by angles read back from the tables, and the softmax is
-explicit, in float64. The CUDA kernel itself runs only on a GPU: scripts/gpu_check_csrc.py.
+explicit, in float64. The CUDA kernels' source also runs here, under a host SIMT emulation
+(csrc/tests/kernel_emu.cpp); on a GPU it runs in scripts/gpu_check_csrc.sh.
 """
 
 from __future__ import annotations
@@ -169,6 +170,51 @@ def test_host_layout_covers_every_key_once(tile_host):
         covered = [j for lo, hi in ranges for j in range(lo, hi)]
         assert covered == list(range(len(want)))  # in order, each key once
         assert all(lo % 64 == 0 for lo, hi in ranges if hi > lo)  # splits start on tile borders
+
+
+# --- the CUDA kernels' own source under a host SIMT emulation ---------------------------------------
+@pytest.fixture(scope="module")
+def kernel_emu(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path_factory.mktemp("csrc") / "kernel_emu"
+    subprocess.run([cxx, "-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-pthread",
+                    f"-I{ROOT / 'csrc/include'}", str(ROOT / "csrc/tests/kernel_emu.cpp"), "-o", str(exe)], check=True)
+    return exe
+
+
+EMU_CASES = [(32, seg, sms) for seg in ((0, 0), (30, 50), (60, 80)) for sms in (1, 16)] + [(128, (30, 50), 1),
+                                                                                          (128, (60, 80), 16)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cuda_kernel_source_under_host_emulation_equals_the_reference(kernel_emu, tmp_path, dtype):
+    """sink_ring_kernel.cuh as C++: one OS thread per CUDA thread, __syncthreads and the warp collectives
+    as barriers, mma.sync from the PTX ISA's fragment layouts (written out in kernel_emu.cpp). Two
+    batches x 2 heads x 100 queries (a full and a partial query tile) over up to 140 cached keys; 16
+    emulated SMs give 4 splits of the keys (one of them empty), 1 SM one. The reference gets the same
+    bf16/fp16-rounded inputs; what is left is the kernel's own rounding of the rotated q/k and of P
+    (relative L2 3e-3 in bf16, 4e-4 in fp16 when written), against limits of 1e-2 and 1.5e-3. A kernel
+    with P's fragments swapped, V's fragment rows swapped or one row-max shuffle missing scores
+    0.4-0.8."""
+    torch_dtype, limit = {"bf16": (torch.bfloat16, 1e-2), "fp16": (torch.float16, 1.5e-3)}[dtype]
+    for d, seg, sms in EMU_CASES:
+        args = make_inputs(b=2, nb=100, h=2, d=d, np_=140, sink_cap=60, seg=seg, seed=d + seg[0])
+        args = tuple(a.to(torch_dtype).float() if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+        q, k, v, kc, vc, cos, sin, _, sink_cap = args
+        header = torch.tensor([2, 100, 2, d, 140, sink_cap, *seg, 0], dtype=torch.int32)
+        (tmp_path / "in.bin").write_bytes(header.numpy().tobytes() + b"".join(
+            t.contiguous().numpy().tobytes() for t in (q, k, v, kc, vc, cos, sin)))
+        subprocess.run([str(kernel_emu), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), dtype, str(sms)],
+                       check=True)
+        raw = (tmp_path / "out.bin").read_bytes()
+        got = torch.frombuffer(bytearray(raw[:-4]), dtype=torch.float32).reshape(q.shape).double()
+        splits = int(torch.frombuffer(bytearray(raw[-4:]), dtype=torch.int32)[0])
+        assert splits == (4 if sms == 16 else 1)
+        want = explicit_reference(*args)
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < limit, (d, seg, sms, rel)
 
 
 # --- through torch.export, AOTInductor and ONNX ----------------------------------------------------

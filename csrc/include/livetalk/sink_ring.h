@@ -15,7 +15,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#if defined(LT_NO_CUDA_HEADERS) /* host builds of the kernel's source (csrc/tests/kernel_emu.cpp) */
+typedef struct CUstream_st* cudaStream_t;
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #ifdef __cplusplus
 extern "C" {

@@ -1,5 +1,5 @@
 // The tile logic of the sink + ring attention kernel, shared by the CUDA kernel
-// (sink_ring_attention.cu) and a host build (tests/tile_host.cpp) that the test suite runs
+// (sink_ring_kernel.cuh) and a host build (tests/tile_host.cpp) that the test suite runs
 // against the Python reference: which cache or block row a key comes from, which keys a split
 // covers, the RoPE rotation of a channel pair, and the online-softmax / split-combine arithmetic.
 //
