@@ -125,15 +125,20 @@ def test_resolve_backend():
 
 
 # --- the host build of the kernel's tile logic -----------------------------------------------------
-@pytest.fixture(scope="module")
-def tile_host(tmp_path_factory) -> Path:
+def build_host_program(tmp_path_factory, name: str, *flags: str) -> Path:
+    """csrc/tests/NAME.cpp built with the machine's C++ compiler, warnings as errors."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("csrc") / "tile_host"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'csrc/include'}",
-                    str(ROOT / "csrc/tests/tile_host.cpp"), "-o", str(exe)], check=True)
+    exe = tmp_path_factory.mktemp("csrc") / name
+    subprocess.run([cxx, *flags, "-O2", "-Wall", "-Werror", f"-I{ROOT / 'csrc/include'}",
+                    str(ROOT / f"csrc/tests/{name}.cpp"), "-o", str(exe)], check=True)
     return exe
+
+
+@pytest.fixture(scope="module")
+def tile_host(tmp_path_factory) -> Path:
+    return build_host_program(tmp_path_factory, "tile_host", "-std=c++17")
 
 
 def run_tile_host(exe: Path, tmp: Path, args, splits: int) -> torch.Tensor:
@@ -175,13 +180,7 @@ def test_host_layout_covers_every_key_once(tile_host):
 # --- the CUDA kernels' own source under a host SIMT emulation ---------------------------------------
 @pytest.fixture(scope="module")
 def kernel_emu(tmp_path_factory) -> Path:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("csrc") / "kernel_emu"
-    subprocess.run([cxx, "-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-pthread",
-                    f"-I{ROOT / 'csrc/include'}", str(ROOT / "csrc/tests/kernel_emu.cpp"), "-o", str(exe)], check=True)
-    return exe
+    return build_host_program(tmp_path_factory, "kernel_emu", "-std=c++20", "-pthread", "-Wno-unknown-pragmas")
 
 
 EMU_CASES = [(32, seg, sms) for seg in ((0, 0), (30, 50), (60, 80)) for sms in (1, 16)] + [(128, (30, 50), 1),
