@@ -26,6 +26,7 @@ struct Elt<__half> {
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
+  static __device__ __forceinline__ float bits_to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -44,6 +45,9 @@ struct Elt<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ uint16_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+  static __device__ __forceinline__ float bits_to_float(uint16_t b) {
+    return __bfloat162float(__ushort_as_bfloat16(b));
+  }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -59,26 +63,31 @@ struct Elt<__nv_bfloat16> {
 
 namespace {
 
-template <typename T, int D>
+template <typename T, int D, bool kPipelined>
 lt_status launch(const lt_sink_ring_args& a, cudaStream_t stream) {
-  const size_t smem = kernel_smem_bytes<T, D>();
+  const size_t smem = kernel_smem_bytes<T, D, kPipelined>();
   if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(sink_ring_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      cudaFuncSetAttribute(sink_ring_kernel<T, D, kPipelined>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem)) != cudaSuccess) {
     return LT_ERR_CUDA;
   }
   const dim3 grid((a.block_len + kTileQueries - 1) / kTileQueries, a.batch * a.heads, a.splits);
-  sink_ring_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+  sink_ring_kernel<T, D, kPipelined><<<grid, kThreads, smem, stream>>>(a);
   if (a.splits > 1) combine_kernel<T, D><<<dim3(a.block_len, a.batch * a.heads), D, 0, stream>>>(a);
   return cudaGetLastError() == cudaSuccess ? LT_OK : LT_ERR_CUDA;
+}
+
+template <typename T, int D>
+lt_status dispatch_variant(const lt_sink_ring_args& a, cudaStream_t stream) {
+  return a.variant == LT_VARIANT_SIMPLE ? launch<T, D, false>(a, stream) : launch<T, D, true>(a, stream);
 }
 
 template <typename T>
 lt_status dispatch_head_dim(const lt_sink_ring_args& a, cudaStream_t stream) {
   switch (a.head_dim) {
-    case 32: return launch<T, 32>(a, stream);
-    case 64: return launch<T, 64>(a, stream);
-    case 128: return launch<T, 128>(a, stream);
+    case 32: return dispatch_variant<T, 32>(a, stream);
+    case 64: return dispatch_variant<T, 64>(a, stream);
+    case 128: return dispatch_variant<T, 128>(a, stream);
     default: return LT_ERR_HEAD_DIM;
   }
 }
@@ -99,7 +108,8 @@ size_t lt_sink_ring_workspace_bytes(int batch, int block_len, int heads, int hea
 lt_status lt_sink_ring_attention(const lt_sink_ring_args* a, cudaStream_t stream) {
   if (a == nullptr || !a->q || !a->k || !a->v || !a->k_cache || !a->v_cache || !a->cos || !a->sin || !a->seg ||
       !a->out || a->batch <= 0 || a->block_len <= 0 || a->heads <= 0 || a->cache_len < 0 || a->sink_cap < 0 ||
-      a->sink_cap > a->cache_len || a->splits < 1 || a->splits > livetalk::kMaxSplits) {
+      a->sink_cap > a->cache_len || a->splits < 1 || a->splits > livetalk::kMaxSplits ||
+      (a->variant != LT_VARIANT_PIPELINED && a->variant != LT_VARIANT_SIMPLE)) {
     return LT_ERR_ARGS;
   }
   if (a->splits > 1 && a->workspace == nullptr) return LT_ERR_WORKSPACE;

@@ -14,10 +14,11 @@ LIVETALK_CUDA_ARCHS=90 python3 setup.py build_ext --inplace > "$OUT/build_ext.lo
   || { tail -30 "$OUT/build_ext.log"; exit 1; }
 cmake -S . -B build/gpu -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUT/cmake.log" 2>&1
 cmake --build build/gpu -j 16 >> "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-#                                  B Nb   H  D   Np    sink_cap sinks ring dtype iters
-for args in "1 3072 12 128 12288 9216 9216 3072 bf16 50" "1 3072 12 128 12288 9216 9216 3072 fp16 50" \
-            "1 3072 12 128 12288 9216 6144 0 bf16 50" "1 108 4 32 216 108 108 108 bf16 200" \
-            "1 48 2 32 144 48 48 96 fp16 200"; do
+#                                  B Nb   H  D   Np    sink_cap sinks ring dtype iters variant
+for args in "1 3072 12 128 12288 9216 9216 3072 bf16 50 pipelined" "1 3072 12 128 12288 9216 9216 3072 bf16 50 simple" \
+            "1 3072 12 128 12288 9216 9216 3072 fp16 50 pipelined" "1 3072 12 128 12288 9216 6144 0 bf16 50 pipelined" \
+            "1 108 4 32 216 108 108 108 bf16 200 pipelined" "1 108 4 32 216 108 108 108 bf16 200 simple" \
+            "1 48 2 32 144 48 48 96 fp16 200 pipelined"; do
   build/gpu/sink_ring_check $args | tee -a "$OUT/harness.txt"
 done
 python3 scripts/gpu_check_csrc.py --out "$OUT" 2>&1 | tee "$OUT/check.log"

@@ -183,30 +183,35 @@ def kernel_emu(tmp_path_factory) -> Path:
     return build_host_program(tmp_path_factory, "kernel_emu", "-std=c++20", "-pthread", "-Wno-unknown-pragmas")
 
 
-EMU_CASES = [(32, seg, sms) for seg in ((0, 0), (30, 50), (60, 80)) for sms in (1, 16)] + [(128, (30, 50), 1),
-                                                                                          (128, (60, 80), 16)]
+EMU_CASES = {
+    "pipelined": [(32, seg, sms) for seg in ((0, 0), (30, 50), (60, 80)) for sms in (1, 16)]
+    + [(128, (30, 50), 1), (128, (60, 80), 16)],
+    "simple": [(32, (30, 50), 16), (128, (60, 80), 1)],
+}
 
 
+@pytest.mark.parametrize("variant", ["pipelined", "simple"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_cuda_kernel_source_under_host_emulation_equals_the_reference(kernel_emu, tmp_path, dtype):
+def test_cuda_kernel_source_under_host_emulation_equals_the_reference(kernel_emu, tmp_path, dtype, variant):
     """sink_ring_kernel.cuh as C++: one OS thread per CUDA thread, __syncthreads and the warp collectives
     as barriers, mma.sync from the PTX ISA's fragment layouts (written out in kernel_emu.cpp). Two
     batches x 2 heads x 100 queries (a full and a partial query tile) over up to 140 cached keys; 16
     emulated SMs give 4 splits of the keys (one of them empty), 1 SM one. The reference gets the same
     bf16/fp16-rounded inputs; what is left is the kernel's own rounding of the rotated q/k and of P
-    (relative L2 3e-3 in bf16, 4e-4 in fp16 when written), against limits of 1e-2 and 1.5e-3. A kernel
-    with P's fragments swapped, V's fragment rows swapped or one row-max shuffle missing scores
-    0.4-0.8."""
+    (relative L2 3e-3 in bf16, 4e-4 in fp16 when written), against limits of 1e-2 and 1.5e-3. The
+    pipelined variant's cp.async copies land only at the wait that covers them. Kernels with P's
+    fragments swapped, V's fragment rows swapped, a row-max shuffle missing, the cp.async wait
+    missing or one group off, or the next tile written into the current buffer score 0.4-0.8."""
     torch_dtype, limit = {"bf16": (torch.bfloat16, 1e-2), "fp16": (torch.float16, 1.5e-3)}[dtype]
-    for d, seg, sms in EMU_CASES:
+    for d, seg, sms in EMU_CASES[variant]:
         args = make_inputs(b=2, nb=100, h=2, d=d, np_=140, sink_cap=60, seg=seg, seed=d + seg[0])
         args = tuple(a.to(torch_dtype).float() if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
         q, k, v, kc, vc, cos, sin, _, sink_cap = args
         header = torch.tensor([2, 100, 2, d, 140, sink_cap, *seg, 0], dtype=torch.int32)
         (tmp_path / "in.bin").write_bytes(header.numpy().tobytes() + b"".join(
             t.contiguous().numpy().tobytes() for t in (q, k, v, kc, vc, cos, sin)))
-        subprocess.run([str(kernel_emu), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), dtype, str(sms)],
-                       check=True)
+        subprocess.run([str(kernel_emu), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), dtype, str(sms),
+                        variant], check=True)
         raw = (tmp_path / "out.bin").read_bytes()
         got = torch.frombuffer(bytearray(raw[:-4]), dtype=torch.float32).reshape(q.shape).double()
         splits = int(torch.frombuffer(bytearray(raw[-4:]), dtype=torch.int32)[0])

@@ -1,8 +1,8 @@
 // C++ harness of the standalone library: the kernel against a naive fp32 CUDA reference (one
 // thread per query row, two passes over the gathered keys), then its time per call.
 //
-//   sink_ring_check [B Nb H D Np SINK_CAP SINK_LEN RING_LEN bf16|fp16 ITERS]
-//   default: the 1.3B shape, full window: 1 3072 12 128 12288 9216 9216 3072 bf16 50
+//   sink_ring_check [B Nb H D Np SINK_CAP SINK_LEN RING_LEN bf16|fp16 ITERS pipelined|simple]
+//   default: the 1.3B shape, full window: 1 3072 12 128 12288 9216 9216 3072 bf16 50 pipelined
 // Prints max |err|, relative L2, us per call and TFLOP/s (4 * B * H * Nb * keys * D flops).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -139,6 +139,7 @@ int run(int argc, char** argv) {
   a.batch = B; a.block_len = NB; a.heads = H; a.head_dim = D; a.cache_len = NP; a.sink_cap = CAP;
   a.splits = lt_sink_ring_splits(B, NB, H, NP, sms);
   a.dtype = sizeof(T) == 2 && std::strcmp(argc > 9 ? argv[9] : "bf16", "fp16") == 0 ? LT_FP16 : LT_BF16;
+  a.variant = argc > 11 && std::strcmp(argv[11], "simple") == 0 ? LT_VARIANT_SIMPLE : LT_VARIANT_PIPELINED;
   float* ws = nullptr;
   size_t wsb = lt_sink_ring_workspace_bytes(B, NB, H, D, a.splits);
   if (wsb) CHECK(cudaMalloc(&ws, wsb));
@@ -168,8 +169,8 @@ int run(int argc, char** argv) {
   CHECK(cudaEventElapsedTime(&ms, t0, t1));
   const double us = 1000.0 * ms / ITERS, keys = SL + RL + NB;
   const double tflops = 4.0 * B * H * NB * keys * D / (us * 1e-6) / 1e12;
-  std::printf("shape B=%d Nb=%d H=%d D=%d Np=%d seg=[%d,%d] splits=%d %s\n", B, NB, H, D, NP, SL, RL, a.splits,
-              a.dtype == LT_FP16 ? "fp16" : "bf16");
+  std::printf("shape B=%d Nb=%d H=%d D=%d Np=%d seg=[%d,%d] splits=%d %s %s\n", B, NB, H, D, NP, SL, RL, a.splits,
+              a.dtype == LT_FP16 ? "fp16" : "bf16", a.variant == LT_VARIANT_SIMPLE ? "simple" : "pipelined");
   std::printf("max_abs_err %.3e rel_l2 %.3e us_per_call %.1f tflops %.1f\n", max_err, std::sqrt(num / den), us, tflops);
   return 0;
 }

@@ -1,11 +1,12 @@
 // Host SIMT emulation of the CUDA kernels (csrc/include/livetalk/sink_ring_kernel.cuh), run by
 // tests/test_csrc.py: the kernels' own source, built as C++ for the CPU.
 //
-//   kernel_emu IN OUT DTYPE SM_COUNT    IN: tile_host's input format (int32 header [B, Nb, H, D, Np,
+//   kernel_emu IN OUT DTYPE SM_COUNT VARIANT
+//                                       IN: tile_host's input format (int32 header [B, Nb, H, D, Np,
 //                                       sink_cap, sink_len, ring_len, splits(ignored)] + fp32 tensors);
 //                                       DTYPE bf16 | fp16; SM_COUNT sets the split count as on a GPU
-//                                       with that many SMs. OUT: fp32 (B, Nb, H, D), then one int32:
-//                                       the splits used.
+//                                       with that many SMs; VARIANT pipelined | simple. OUT: fp32
+//                                       (B, Nb, H, D), then one int32: the splits used.
 //
 // Every CUDA thread of a block is an OS thread: __syncthreads is a barrier of the block's threads,
 // __shfl_xor_sync and mma.sync are warp collectives (each lane posts its registers, a barrier of the
@@ -17,6 +18,7 @@
 //                                 col 2*threadID_in_group + (i & 1), plus 8 for a4..a7
 //   B (16x8, column-major) b0..b3: row (k) 2*threadID_in_group + (i & 1), plus 8 for b2,b3; col groupID
 //   C/D (16x8) c0..c3: row groupID for c0,c1 and groupID+8 for c2,c3; col 2*threadID_in_group + (i & 1)
+// cp.async copies land only at the wait_group that covers them (see Copy below).
 // What this cannot show: timing, memory-ordering hazards the barriers hide, and the hardware itself.
 #define LT_NO_CUDA_HEADERS
 #include <barrier>
@@ -24,6 +26,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -91,6 +94,32 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
   warp_sync().arrive_and_wait();
 }
 
+// cp.async: a thread's 16-byte copies are recorded (their source read at once: the kernel's global
+// inputs never change) and land in shared memory only when a wait_group of that thread covers
+// their group, so a tile used before its wait, or a wait on the wrong group, reads stale data.
+struct Copy {
+  void* dst;
+  unsigned char bytes[16];
+};
+thread_local std::vector<Copy> open_group;
+thread_local std::deque<std::vector<Copy>> groups;
+
+inline void cp_async16(void* dst, const void* src) {
+  Copy c{dst, {}};
+  std::memcpy(c.bytes, src, 16);
+  open_group.push_back(c);
+}
+inline void cp_commit() {
+  groups.push_back(std::move(open_group));
+  open_group.clear();
+}
+inline void cp_wait(size_t newest_pending) {
+  while (groups.size() > newest_pending) {
+    for (const Copy& c : groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    groups.pop_front();
+  }
+}
+
 template <class Kernel>
 void launch(Dim3 grid, int threads, size_t smem, Kernel kernel) {
   for (unsigned z = 0; z < grid.z; ++z) {
@@ -121,6 +150,9 @@ void launch(Dim3 grid, int threads, size_t smem, Kernel kernel) {
 #define LT_DYNAMIC_SMEM(name) unsigned char* name = emu::block->smem.data()
 #define LT_SYNCTHREADS() emu::syncthreads()
 #define LT_SHFL_XOR(v, mask) emu::shfl_xor(v, mask)
+#define LT_CP_ASYNC16(dst, src) emu::cp_async16(dst, src)
+#define LT_CP_COMMIT() emu::cp_commit()
+#define LT_CP_WAIT(n) emu::cp_wait(n)
 
 #include "livetalk/sink_ring_kernel.cuh"
 
@@ -164,6 +196,7 @@ struct HostElt {
   static float to_float(T x) { return TO(x.bits); }
   static T from_float(float x) { return T{FROM(x)}; }
   static uint16_t bits(T x) { return x.bits; }
+  static float bits_to_float(uint16_t b) { return TO(b); }
   static uint32_t pack(float lo, float hi) {
     return static_cast<uint32_t>(FROM(lo)) | (static_cast<uint32_t>(FROM(hi)) << 16);
   }
@@ -180,7 +213,7 @@ struct Elt<F16> : HostElt<F16, f16_to_float, float_to_f16> {};
 
 namespace {
 
-template <class T, int D>
+template <class T, int D, bool kPipelined>
 int run(lt_sink_ring_args a, const std::vector<float>* src[7], std::vector<float>* out) {
   std::vector<T> buf[5];
   for (int i = 0; i < 5; ++i) {
@@ -199,8 +232,8 @@ int run(lt_sink_ring_args a, const std::vector<float>* src[7], std::vector<float
   a.workspace = ws.empty() ? nullptr : ws.data();
   const Dim3 grid{static_cast<unsigned>((a.block_len + livetalk::kTileQueries - 1) / livetalk::kTileQueries),
                   static_cast<unsigned>(a.batch * a.heads), static_cast<unsigned>(a.splits)};
-  emu::launch(grid, livetalk::kThreads, livetalk::kernel_smem_bytes<T, D>(),
-              [&] { livetalk::sink_ring_kernel<T, D>(a); });
+  emu::launch(grid, livetalk::kThreads, livetalk::kernel_smem_bytes<T, D, kPipelined>(),
+              [&] { livetalk::sink_ring_kernel<T, D, kPipelined>(a); });
   if (a.splits > 1) {
     emu::launch(Dim3{static_cast<unsigned>(a.block_len), static_cast<unsigned>(a.batch * a.heads), 1}, D, 0,
                 [&] { livetalk::combine_kernel<T, D>(a); });
@@ -209,12 +242,17 @@ int run(lt_sink_ring_args a, const std::vector<float>* src[7], std::vector<float
   return 0;
 }
 
+template <class T, int D>
+int by_variant(const lt_sink_ring_args& a, const std::vector<float>* src[7], std::vector<float>* out) {
+  return a.variant == LT_VARIANT_SIMPLE ? run<T, D, false>(a, src, out) : run<T, D, true>(a, src, out);
+}
+
 template <class T>
 int by_head_dim(const lt_sink_ring_args& a, const std::vector<float>* src[7], std::vector<float>* out) {
   switch (a.head_dim) {
-    case 32: return run<T, 32>(a, src, out);
-    case 64: return run<T, 64>(a, src, out);
-    case 128: return run<T, 128>(a, src, out);
+    case 32: return by_variant<T, 32>(a, src, out);
+    case 64: return by_variant<T, 64>(a, src, out);
+    case 128: return by_variant<T, 128>(a, src, out);
     default: return 4;
   }
 }
@@ -222,8 +260,8 @@ int by_head_dim(const lt_sink_ring_args& a, const std::vector<float>* src[7], st
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: kernel_emu IN OUT bf16|fp16 SM_COUNT\n");
+  if (argc != 6) {
+    std::fprintf(stderr, "usage: kernel_emu IN OUT bf16|fp16 SM_COUNT pipelined|simple\n");
     return 1;
   }
   FILE* f = std::fopen(argv[1], "rb");
@@ -249,6 +287,7 @@ int main(int argc, char** argv) {
   a.head_dim = h[3];
   a.cache_len = h[4];
   a.sink_cap = h[5];
+  a.variant = std::strcmp(argv[5], "simple") == 0 ? LT_VARIANT_SIMPLE : LT_VARIANT_PIPELINED;
   a.splits = livetalk::splits_for(a.batch, a.block_len, a.heads, a.cache_len, std::atoi(argv[4]));
   std::vector<float> out;
   const bool bf16 = std::strcmp(argv[3], "bf16") == 0;

@@ -27,6 +27,11 @@ extern "C" {
 
 typedef enum { LT_FP16 = 0, LT_BF16 = 1 } lt_dtype;
 
+/* How K/V tiles reach shared memory: double-buffered with cp.async, the next tile's copies in flight
+ * while this one is used (the default, 0), or one buffer loaded and then used (the first version,
+ * kept so a GPU run can time both). */
+typedef enum { LT_VARIANT_PIPELINED = 0, LT_VARIANT_SIMPLE = 1 } lt_variant;
+
 typedef enum {
   LT_OK = 0,
   LT_ERR_ARGS = 1,       /* a null pointer, a non-positive size, sink_cap outside the cache */
@@ -50,6 +55,7 @@ typedef struct {
   int batch, block_len, heads, head_dim, cache_len, sink_cap;
   int splits; /* 1 .. 16, from lt_sink_ring_splits */
   lt_dtype dtype;
+  lt_variant variant;
 } lt_sink_ring_args;
 
 /* Splits of the key sequence that give the GPU (sm_count SMs) about two waves of CTAs. */
