@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "livetalk/sink_ring.h"
 #include "livetalk/sink_ring_kernel.cuh"
@@ -28,8 +29,10 @@ struct Elt<__half> {
   static __device__ __forceinline__ uint16_t bits(__half x) { return __half_as_ushort(x); }
   static __device__ __forceinline__ float bits_to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));  // not a uint32_t* view of h: that would alias (see rope_store8)
+    return u;
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -49,8 +52,10 @@ struct Elt<__nv_bfloat16> {
     return __bfloat162float(__ushort_as_bfloat16(b));
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));
+    return u;
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
