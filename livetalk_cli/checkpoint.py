@@ -8,8 +8,10 @@ A checkpoint folder holds `config.json` and the weight files it names:
       "files": {
         "dit": "dit.safetensors",            # file, or a folder of *.safetensors shards
         "vae": "Wan2.1_VAE.pth",             # .pth (loaded with weights_only=True) or .safetensors
-        "text_encoder": "umt5-xxl/",         # builtin: .safetensors; umt5: local HF folder or a
-                                             #   .safetensors file of precomputed prompt embeddings
+        "text_encoder": "umt5-xxl/",         # builtin: .safetensors; umt5: local HF folder, Wan's
+                                             #   models_t5_umt5-xxl-enc-bf16.pth (tokenizer in
+                                             #   google/umt5-xxl/ beside it) or a .safetensors file
+                                             #   of precomputed prompt embeddings
         "audio_encoder": "wav2vec2-base-960h/"  # wav2vec2 presets: local HF folder
       }
     }

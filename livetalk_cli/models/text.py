@@ -8,6 +8,8 @@ the zeros are part of the conditioning.
   model checkpoint under this module's own keys `embedding.weight` (vocab, D) and
   `position` (text_len, D)).
 - `UMT5TextEncoder`: umT5 encoder (4096-d presets) through `transformers`, from a local directory.
+- `WanUMT5TextEncoder`: the same encoder from Wan's own `.pth` (`models/umt5.py`), as LiveTalk,
+  OmniAvatar and Wan ship it, with the tokenizer folder of Wan's download.
 - `PrecomputedTextEmbeddings`: contexts stored in a safetensors file, looked up by exact prompt
   (serve umT5 presets without loading the 5.7B-parameter encoder).
 
@@ -21,7 +23,7 @@ import logging
 import re
 import zlib
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -83,30 +85,18 @@ class BuiltinTextEncoder(nn.Module):
         return (x * (ids != 0)[..., None]).float()
 
 
-class UMT5TextEncoder:
-    """umT5 encoder from a local `transformers` directory (tokenizer files + UMT5EncoderModel).
+class _UMT5Prompts:
+    """umT5 prompt handling shared by both loaders: Wan's light cleaning (whitespace collapsed,
+    stripped), EOS appended by the tokenizer, truncation to text_len; output = the encoder's last
+    hidden states at real tokens, zeros after."""
 
-    Prompts get Wan's light cleaning (whitespace collapsed, stripped), EOS appended by the
-    tokenizer, are truncated to text_len; output = last_hidden_state at real tokens, zeros after.
-    """
+    tokenizer: Any
+    device: torch.device
+    text_len: int
+    text_dim: int
 
-    def __init__(self, model_dir: Path, text_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise CheckpointError(f"umt5: {model_dir} is not a model directory (no config.json)")
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"umt5: cannot load {model_dir}: {e}") from None
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval().requires_grad_(False)
-        self.text_len = text_len
-        self.text_dim = model.config.d_model
-        log.info("umt5 from %s: d_model %d, text_len %d", model_dir, self.text_dim, text_len)
+    def _hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()  # not inference_mode: contexts may feed a training graph
     def __call__(self, prompts: list[str]) -> Tensor:
@@ -116,8 +106,81 @@ class UMT5TextEncoder:
                                add_special_tokens=True, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)  # (B, L)
         mask = batch["attention_mask"].to(self.device)  # (B, L)
-        out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d_model)
+        out = self._hidden(ids, mask)  # (B, L, d_model)
         return (out * mask[..., None].to(out.dtype)).float()
+
+
+def _tokenizer(folder: Path, what: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{what}: cannot load the tokenizer in {folder}: {e}") from None
+
+
+class UMT5TextEncoder(_UMT5Prompts):
+    """umT5 encoder from a local `transformers` directory (tokenizer files + UMT5EncoderModel)."""
+
+    def __init__(self, model_dir: Path, text_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise CheckpointError(f"umt5: {model_dir} is not a model directory (no config.json)")
+        from transformers import UMT5EncoderModel
+
+        self.tokenizer = _tokenizer(model_dir, "umt5")
+        try:
+            model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"umt5: cannot load {model_dir}: {e}") from None
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.text_len = text_len
+        self.text_dim = model.config.d_model
+        log.info("umt5 from %s: d_model %d, text_len %d", model_dir, self.text_dim, text_len)
+
+    def _hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def find_umt5_tokenizer(pth: Path) -> Path:
+    """The tokenizer folder Wan's download keeps beside the encoder: `google/umt5-xxl/`, else the
+    one folder up to two levels below the .pth's folder that holds tokenizer files."""
+    base = Path(pth).parent
+    wan = base / "google" / "umt5-xxl"
+    if any((wan / f).is_file() for f in TOKENIZER_FILES):
+        return wan
+    found = sorted({f.parent for pattern in ("*/", "*/*/") for name in TOKENIZER_FILES
+                    for f in base.glob(pattern + name)})
+    if len(found) == 1:
+        return found[0]
+    raise CheckpointError(f"umT5 tokenizer for {pth}: expected {wan} (Wan's download layout)"
+                          + (f"; found several: {', '.join(map(str, found[:4]))}" if found else ""))
+
+
+class WanUMT5TextEncoder(_UMT5Prompts):
+    """umT5 from Wan's `models_t5_umt5-xxl-enc-bf16.pth` (`models/umt5.py`) with the tokenizer of
+    Wan's download (`google/umt5-xxl/` beside it). The weights keep the file's dtype unless given."""
+
+    def __init__(self, pth: Path, text_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, tokenizer_dir: Path | None = None):
+        from livetalk_cli.models.umt5 import load_wan_umt5
+
+        folder = Path(tokenizer_dir) if tokenizer_dir is not None else find_umt5_tokenizer(pth)
+        self.tokenizer = _tokenizer(folder, f"umT5 {pth}")
+        self.device = torch.device(device)
+        self.model = load_wan_umt5(pth, device=self.device, dtype=dtype)
+        self.text_len = text_len
+        self.text_dim = self.model.size.dim
+        log.info("umt5 (Wan layout) from %s, tokenizer %s: d_model %d, text_len %d", pth, folder, self.text_dim,
+                 text_len)
+
+    def _hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.model(ids, mask)
 
 
 class PrecomputedTextEmbeddings:
@@ -206,12 +269,16 @@ def build_text_encoder(cfg: ModelConfig, *, source: Path | None, random_weights:
         log.warning("text: random stand-in encoder for %r (hashed words), not umT5", cfg.name)
         return BuiltinTextEncoder(cfg.text_vocab, d.text_len, d.text_dim, seed=STAND_IN_SEED).to(device)
     source = Path(source)
-    if source.is_dir():
-        enc = UMT5TextEncoder(source, d.text_len, device)
-        if enc.text_dim != d.text_dim:
-            raise CheckpointError(f"umt5 in {source} has d_model {enc.text_dim}, preset {cfg.name!r} "
-                                  f"expects text_dim {d.text_dim}")
-        return enc
     if source.suffix == ".safetensors":
         return PrecomputedTextEmbeddings(source, d.text_len, d.text_dim, device)
-    raise UserError(f"text source {source} is neither a umT5 directory nor a .safetensors embeddings file")
+    if source.is_dir():
+        enc: _UMT5Prompts = UMT5TextEncoder(source, d.text_len, device)
+    elif source.suffix == ".pth":
+        enc = WanUMT5TextEncoder(source, d.text_len, device)
+    else:
+        raise UserError(f"text source {source} is neither a umT5 directory, Wan's umT5 .pth nor a .safetensors "
+                        "embeddings file")
+    if enc.text_dim != d.text_dim:
+        raise CheckpointError(f"umt5 in {source} has d_model {enc.text_dim}, preset {cfg.name!r} "
+                              f"expects text_dim {d.text_dim}")
+    return enc
