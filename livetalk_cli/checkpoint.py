@@ -13,7 +13,9 @@ A checkpoint folder holds `config.json` and the weight files it names:
                                              #   google/umt5-xxl/ beside it) or a .safetensors file
                                              #   of precomputed prompt embeddings
         "audio_encoder": "wav2vec2-base-960h/"  # wav2vec2 presets: local HF folder
-      }
+        "dit_lora": "OmniAvatar-1.3B/pytorch_model.pt"  # optional: merged into dit at load (lora.py)
+      },
+      "lora_alpha": 64                       # optional: else read from config.json beside dit_lora
     }
 
 DiT weights may use Wan's original names or diffusers' names; wrappers such as
@@ -36,7 +38,7 @@ from livetalk_cli.errors import CheckpointError
 from livetalk_cli.files import atomic_dir
 
 FORMAT = "livetalk/1"
-FILE_ROLES = ("dit", "vae", "text_encoder", "audio_encoder")
+FILE_ROLES = ("dit", "dit_lora", "vae", "text_encoder", "audio_encoder")
 
 # diffusers (WanTransformer3DModel) → Wan original names
 _DIFFUSERS_TOP = {
@@ -168,6 +170,15 @@ class CheckpointSpec:
     root: Path
     config: ModelConfig
     files: dict[str, Path | None]
+    lora_alpha: float | None = None
+
+
+def read_dit_weights(spec: CheckpointSpec) -> dict[str, Tensor]:
+    """The checkpoint's DiT tensors under Wan's names, its LoRA (files.dit_lora) merged in."""
+    from livetalk_cli.lora import merged_dit_weights
+
+    assert spec.files["dit"] is not None
+    return merged_dit_weights(spec.files["dit"], spec.files["dit_lora"], spec.lora_alpha)
 
 
 def read_checkpoint_spec(root: Path) -> CheckpointSpec:
@@ -181,7 +192,7 @@ def read_checkpoint_spec(root: Path) -> CheckpointSpec:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: format must be {FORMAT!r}, got {data.get('format')!r}")
-    unknown = sorted(set(data) - {"format", "preset", "model", "files"})
+    unknown = sorted(set(data) - {"format", "preset", "model", "files", "lora_alpha"})
     if unknown:
         raise CheckpointError(f"{cfg_path}: unknown key(s) {unknown}")
     if ("preset" in data) == ("model" in data):
@@ -200,7 +211,10 @@ def read_checkpoint_spec(root: Path) -> CheckpointSpec:
     for role in ("dit", "vae"):
         if files[role] is None:
             raise CheckpointError(f"{cfg_path}: files.{role} is required")
-    return CheckpointSpec(root, cfg, files)
+    alpha = data.get("lora_alpha")
+    if alpha is not None and (not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0):
+        raise CheckpointError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
+    return CheckpointSpec(root, cfg, files, None if alpha is None else float(alpha))
 
 
 def save_checkpoint(

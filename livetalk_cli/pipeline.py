@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_state_dict, to_wan_names
+from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_dit_weights, read_state_dict
 from livetalk_cli.config import ModelConfig, preset
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import AudioFeatureEncoder, build_audio_encoder
@@ -133,7 +133,8 @@ def _checkpoint_model(root: Path, preset_name: str | None, dev: torch.device, dt
     with torch.device("meta"):
         dit = WanDiT(cfg.dit)
         vae = WanVAE(cfg.vae)
-    load_weights(dit, to_wan_names(read_state_dict(files["dit"])), f"DiT weights {files['dit']}")
+    load_weights(dit, read_dit_weights(spec), f"DiT weights {files['dit']}"
+                 + (f" + LoRA {files['dit_lora']}" if files["dit_lora"] else ""))
     load_weights(vae, read_state_dict(files["vae"]), f"VAE weights {files['vae']}")  # hook restores mean/std
     text: TextEncoder
     if cfg.text_encoder == "builtin":

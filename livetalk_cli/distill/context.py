@@ -96,11 +96,11 @@ class StageContext:
 
     def load_dit(self, stage: str) -> WanDiT:
         if stage == "teacher" and self.recipe.teacher.checkpoint:
-            from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_state_dict, to_wan_names
+            from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_dit_weights
 
             spec = read_checkpoint_spec(Path(self.recipe.teacher.checkpoint))
             dit = WanDiT(self.model_config().dit)
-            load_weights(dit, to_wan_names(read_state_dict(spec.files["dit"])), "teacher DiT")
+            load_weights(dit, read_dit_weights(spec), "teacher DiT")
             return dit.to(self.device)
         dit = WanDiT(self.model_config().dit)
         dit.load_state_dict(require(self.out / stage / "dit.safetensors", f"the {stage} stage"))
