@@ -73,9 +73,12 @@ _PREFIXES = ("module.", "model.", "_orig_mod.", "diffusion_model.", "generator."
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A .safetensors file, a folder of .safetensors shards, or a torch pickle (weights_only)."""
+    """A .safetensors file, a folder of .safetensors shards, a shards' `*.safetensors.index.json`
+    (diffusers / transformers layout), or a torch pickle (weights_only, memory-mapped when it can be)."""
     path = Path(path)
     try:
+        if path.name.endswith(".safetensors.index.json"):
+            return _read_index(path)
         if path.is_dir():
             shards = sorted(path.glob("*.safetensors"))
             if not shards:
@@ -88,7 +91,12 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: checkpoint file not found")
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the pre-zip pickle format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as e:  # corrupt files raise many different types
@@ -101,6 +109,24 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a state dict")
     return obj
+
+
+def _read_index(index: Path) -> dict[str, Tensor]:
+    """Shards named by an index's weight_map, each read once; every listed tensor must be there."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    sd: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index}: shard {shard} not found")
+        sd.update(load_file(str(index.parent / shard)))
+    missing = sorted(set(weight_map) - set(sd))
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} tensor(s) listed but not in their shards: "
+                              f"{', '.join(missing[:6])}")
+    return sd
 
 
 def _is_tensor_dict(d: dict) -> bool:
@@ -185,7 +211,13 @@ def read_checkpoint_spec(root: Path) -> CheckpointSpec:
     root = Path(root)
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"{root}: not a checkpoint folder (no config.json)")
+        from livetalk_cli.downloads import detect_download
+
+        found = detect_download(root) if root.is_dir() else None
+        if found is None:
+            raise CheckpointError(f"{root}: not a checkpoint folder (no config.json, and not laid out like "
+                                  "LiveTalk's or OmniAvatar's download)")
+        return found
     try:
         data = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
