@@ -77,6 +77,7 @@ def render(
     Every job's inputs are checked before the model loads. An output that exists is skipped when
     it was made from the same inputs (a batch resumes); otherwise --overwrite is needed.
     """
+    from livetalk_cli import dist_render
     from livetalk_cli.export.load import check_engine_args
     from livetalk_cli.jobs import job_record, jobs_from_args, plan_jobs, read_manifest
     from livetalk_cli.pipeline import load_model, model_identity, resolve_device, resolve_dtype
@@ -84,7 +85,8 @@ def render(
     from livetalk_cli.runtime.stream import StreamOptions
     from livetalk_cli.sampling.accel import check_cuda_graphs
 
-    with user_errors(), render_progress() as progress:
+    ranks = dist_render.launched_ranks()  # under torchrun: this rank's share of the jobs (dist_render.py)
+    with user_errors(), render_progress(quiet=not ranks.main) as progress:
         if manifest is not None:
             if audio or out is not None or out_dir is not None:
                 raise UserError("--manifest takes no AUDIO arguments, --out or --out-dir")
@@ -92,13 +94,14 @@ def render(
         else:
             jobs = jobs_from_args(audio or [], image, prompt, out, out_dir)
         check_attention(attention)
-        dev = resolve_device(device)
+        dev = dist_render.rank_device(resolve_device(device), ranks)
         torch_dtype = resolve_dtype(dtype.value, dev)  # warns once (half precision on CPU)
         dt = str(torch_dtype).removeprefix("torch.")
         if cuda_graphs:
             check_cuda_graphs(dev)
         if engine is not None:
             check_engine_args(engine, engine_backend, compile=compile, cuda_graphs=cuda_graphs)
+        dist_render.init(ranks, dev)
         model_id = model_identity(checkpoint=checkpoint, preset_name=preset and preset.value,
                                   random_weights=random_weights, seed=seed)
         if engine is not None:  # an engine's frames differ from eager's by rounding: not the same output
@@ -109,6 +112,7 @@ def render(
             overwrite=overwrite, on_checked=lambda done, total: progress.update(step, completed=done),
         )
         progress.remove_task(step)
+        planned = dist_render.my_jobs(planned, ranks)
         if all(p.skip for p in planned):
             model = None
         else:
@@ -124,7 +128,7 @@ def render(
             progress.remove_task(step)
             logging.getLogger(__name__).info("model: %s on %s (%s)", model.source, model.device, model.dtype)
 
-        overall = progress.add_task("jobs", total=len(jobs), unit="jobs") if len(jobs) > 1 else None
+        overall = progress.add_task("jobs", total=len(planned), unit="jobs") if len(planned) > 1 else None
         current: dict[str, int] = {}
 
         def start(job: RenderJob) -> None:
@@ -138,6 +142,10 @@ def render(
                 progress.advance(overall)
             if "task" in current:
                 progress.remove_task(current.pop("task"))
+            if ranks.main:  # under torchrun rank 0 also reports the other ranks' results, at the end
+                report(result)
+
+        def report(result: JobResult) -> None:
             if result.status == "failed":
                 err.print(f"[red]failed:[/] {result.job.out}: {result.error}", highlight=False)
             elif result.status == "skipped":
@@ -155,6 +163,17 @@ def render(
             model, planned, seed=seed, fit=fit.value, options=options,
             on_job_start=start, on_frames=frames, on_job_end=end,
         )
+    if ranks.distributed:
+        per_rank = dist_render.gather(results, ranks)
+        dist_render.close(ranks)
+        results = [r for rank_results in per_rank for r in rank_results]
+        if ranks.main:
+            for r in (r for other in per_rank[1:] for r in other):
+                report(r)
+            count = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+            by_rank = ", ".join(str(sum(r.status == "done" for r in rr)) for rr in per_rank)
+            err.print(f"{ranks.world} ranks: {count['done']} rendered, {count['skipped']} skipped, "
+                      f"{count['failed']} failed (rendered per rank: {by_rank})", highlight=False)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         if len(results) > 1:

@@ -93,11 +93,12 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:.1f} {'fps' if unit == 'frames' else unit + '/s'}")
 
 
-def render_progress() -> Progress:
+def render_progress(quiet: bool = False) -> Progress:
+    """quiet: no bar at all (the ranks of a torchrun batch other than rank 0)."""
     return Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
-        disable=not err.is_terminal,  # piped stderr: the results' lines only
+        disable=quiet or not err.is_terminal,  # piped stderr: the results' lines only
     )
 
 
