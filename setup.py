@@ -53,10 +53,11 @@ setup(
     extras_require={
         # the suite exports and runs ONNX engines (tests/test_export.py) and drives serve-local from Python
         # and from a headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)
-        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "tokenizers>=0.19",
+        "test": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "tokenizers>=0.19", "ftfy>=6",
                  "onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5", "tensorrt-rtx>=1.7",
                  "fastapi>=0.110", "uvicorn[standard]>=0.29", "websockets>=13", "aiortc>=1.9", "playwright>=1.40"],
-        "transformers": ["transformers>=4.45", "tokenizers>=0.19"],
+        # umT5 / wav2vec2 from local folders; ftfy: Wan's prompt cleaning before umT5 tokenises
+        "transformers": ["transformers>=4.45", "tokenizers>=0.19", "ftfy>=6"],
         # torch.onnx.export(dynamo=True) needs onnxscript; tested with onnx 1.23, onnxruntime 1.32, onnxscript 0.7
         "onnx": ["onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5"],
         "tensorrt": ["tensorrt>=10.0"],  # full TensorRT 10/11 (GPU machines)

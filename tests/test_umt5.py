@@ -113,3 +113,17 @@ def test_text_encoder_from_wans_download_layout(tmp_path):
     (wan / "tok").rename(tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match=r"expected .*google/umt5-xxl \(Wan's download layout\)"):
         WanUMT5TextEncoder(wan / "models_t5_umt5-xxl-enc-bf16.pth", text_len=10)
+
+
+def test_prompts_are_cleaned_as_wan_cleans_them(tmp_path):
+    """Wan's tokenizer clean="whitespace": ftfy's repair, HTML entities unescaped twice, whitespace
+    collapsed. The expectations are written out here."""
+    from livetalk_cli.models.text import wan_clean
+
+    assert wan_clean("  a  man &amp;amp; a\twoman\n") == "a man & a woman"
+    assert wan_clean("cafÃ© talk") == "café talk"  # UTF-8 read as Latin-1, repaired
+    assert wan_clean("a&nbsp;person &lt;smiling&gt;") == "a person <smiling>"
+    hf_dir = tmp_path / "hf"
+    _tiny_umt5(hf_dir)
+    enc = UMT5TextEncoder(hf_dir, text_len=10)
+    torch.testing.assert_close(enc(["happy &amp; calm"]), enc(["happy & calm"]))

@@ -18,6 +18,7 @@ Legend: B prompts, L text_len, D text_dim, N stored prompts.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -85,10 +86,22 @@ class BuiltinTextEncoder(nn.Module):
         return (x * (ids != 0)[..., None]).float()
 
 
+def wan_clean(prompt: str) -> str:
+    """Wan's umT5 prompt cleaning (its tokenizer's clean="whitespace", which OmniAvatar and LiveTalk
+    inherit): ftfy's text repair, HTML entities unescaped twice, whitespace runs collapsed, stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        raise UserError("umT5 prompts need ftfy (Wan's prompt cleaning): pip install 'livetalk[transformers]'"
+                        ) from None
+    text = html.unescape(html.unescape(ftfy.fix_text(prompt))).strip()
+    return " ".join(text.split())
+
+
 class _UMT5Prompts:
-    """umT5 prompt handling shared by both loaders: Wan's light cleaning (whitespace collapsed,
-    stripped), EOS appended by the tokenizer, truncation to text_len; output = the encoder's last
-    hidden states at real tokens, zeros after."""
+    """umT5 prompt handling shared by both loaders: Wan's cleaning (`wan_clean`), EOS appended by the
+    tokenizer, truncation to text_len; output = the encoder's last hidden states at real tokens,
+    zeros after."""
 
     tokenizer: Any
     device: torch.device
@@ -101,7 +114,7 @@ class _UMT5Prompts:
     @torch.no_grad()  # not inference_mode: contexts may feed a training graph
     def __call__(self, prompts: list[str]) -> Tensor:
         """prompts → (B, L, d_model) float32, zeros after each prompt's tokens (EOS included)."""
-        texts = [" ".join(p.split()) for p in prompts]
+        texts = [wan_clean(p) for p in prompts]
         batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.text_len,
                                add_special_tokens=True, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)  # (B, L)
