@@ -191,6 +191,8 @@ def export_model(
     check_attention(attention, formats)
     check_writable(Path(out_root) / ".probe")
     cfg, dtype = model.cfg, model.dtype
+    if attention == "csrc":  # on CUDA the kernel must be built and take this dtype and head dim
+        sink_ring.resolve_backend("csrc", model.device, dtype, cfg.dit.head_dim)
     on_status("hashing weights")
     whash = weights_hash(model.dit, model.vae)
     folder = model_folder(out_root, cfg, whash)
