@@ -27,7 +27,6 @@ from livetalk_cli.cli_common import (
     ThreadsOpt,
     UserError,
     app,
-    check_attention,
     err,
     render_progress,
     user_errors,
@@ -80,6 +79,7 @@ def render(
     from livetalk_cli import dist_render
     from livetalk_cli.export.load import check_engine_args
     from livetalk_cli.jobs import job_record, jobs_from_args, plan_jobs, read_manifest
+    from livetalk_cli.kernels.sink_ring import check_backend_name
     from livetalk_cli.pipeline import load_model, model_identity, resolve_device, resolve_dtype
     from livetalk_cli.render import JobResult, RenderJob, render_batch
     from livetalk_cli.runtime.stream import StreamOptions
@@ -93,7 +93,7 @@ def render(
             jobs = read_manifest(manifest, image=image, prompt=prompt)
         else:
             jobs = jobs_from_args(audio or [], image, prompt, out, out_dir)
-        check_attention(attention)
+        check_backend_name(attention)
         dev = dist_render.rank_device(resolve_device(device), ranks)
         torch_dtype = resolve_dtype(dtype.value, dev)  # warns once (half precision on CPU)
         dt = str(torch_dtype).removeprefix("torch.")
@@ -320,6 +320,7 @@ def bench(
     from livetalk_cli.bench_compare import variant_in_subprocess
     from livetalk_cli.export.load import check_engine_args, engine_variants, load_engines
     from livetalk_cli.files import check_output_file, write_json_atomic
+    from livetalk_cli.kernels.sink_ring import check_backend_name
     from livetalk_cli.pipeline import load_model, resolve_device
     from livetalk_cli.runtime.stream import StreamOptions
     from livetalk_cli.sampling.accel import check_cuda_graphs
@@ -342,7 +343,7 @@ def bench(
         options = StreamOptions(pipelined=pipelined, compile=compile, cuda_graphs=cuda_graphs,
                                 compile_backend=compile_backend, split_threads=split_threads, threads=threads,
                                 attention=attention)
-        check_attention(attention)
+        check_backend_name(attention)
         if cuda_graphs:
             check_cuda_graphs(resolve_device(device))
         if engine is not None:

@@ -142,14 +142,6 @@ AttentionOpt = Annotated[
 ]
 
 
-def check_attention(name: str) -> None:
-    """--attention's name, before anything loads (whether the kernel can run is known after)."""
-    from livetalk_cli.models.attention import ATTENTION_BACKENDS
-
-    if name not in ATTENTION_BACKENDS:
-        raise UserError(f"unknown --attention {name!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
-
-
 GraphsOpt = Annotated[
     bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the block step from CUDA graphs (CUDA only).")
 ]

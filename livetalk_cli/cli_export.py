@@ -62,7 +62,7 @@ def export_cmd(
     each component's manifest.json). An export that is up to date does nothing; --force rebuilds.
     Run the engines with `livetalk render --engine DIR` or `livetalk bench --engine DIR`.
     """
-    from livetalk_cli.export.build import check_attention, check_formats, export_model
+    from livetalk_cli.export.build import check_export_attention, check_formats, export_model
     from livetalk_cli.export.contract import COMPONENTS
     from livetalk_cli.files import check_writable
     from livetalk_cli.pipeline import load_model, resolve_device, resolve_dtype
@@ -73,7 +73,7 @@ def export_cmd(
         if bad:
             raise UserError(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
         fmts = check_formats(fmts)  # before the model loads, like the folder check
-        check_attention(attention, fmts)
+        check_export_attention(attention, fmts)
         check_writable(out / ".probe")
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype.value, dev)

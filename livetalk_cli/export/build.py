@@ -141,7 +141,7 @@ def uses_custom_op(comp: Component) -> bool:
     return getattr(comp.module, "attention", "sdpa") == "csrc"
 
 
-def check_attention(attention: str, formats: list[str]) -> None:
+def check_export_attention(attention: str, formats: list[str]) -> None:
     """--attention for an export: sdpa anywhere; csrc into AOTInductor (which calls the op) and ONNX (a
     livetalk::SinkRingAttention node for TensorRT with csrc/trt's plugin), not into TensorRT here."""
     if attention not in ("sdpa", "csrc"):
@@ -188,7 +188,7 @@ def export_model(
     """Export `only` (default: every component) of `model` in `formats` under `out_root`, the DiT's
     window attention as `attention` ("sdpa" or "csrc")."""
     formats = check_formats(formats)
-    check_attention(attention, formats)
+    check_export_attention(attention, formats)
     check_writable(Path(out_root) / ".probe")
     cfg, dtype = model.cfg, model.dtype
     if attention == "csrc":  # on CUDA the kernel must be built and take this dtype and head dim

@@ -122,22 +122,29 @@ def cuda_kernel_available() -> bool:
     return _extension
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """--attention → the backend a stream runs. "auto": the csrc kernel on CUDA where it is built
-    and takes the dtype and head dim, SDPA elsewhere. "csrc" on CUDA insists on the kernel (one
-    line if it cannot run); on CPU it runs the op's reference (what exports and tests use)."""
+def check_backend_name(name: str) -> None:
+    """--attention's name (checked before anything loads; whether the kernel can run, after)."""
     from livetalk_cli.errors import UserError
     from livetalk_cli.models.attention import ATTENTION_BACKENDS
 
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"unknown attention backend {name!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """--attention → the backend a stream runs. "auto": the csrc kernel on CUDA where it is built
+    and takes the dtype and head dim, SDPA elsewhere. "csrc" on CUDA insists on the kernel (one
+    line if it cannot run); on CPU it runs the op's reference (what exports and tests use)."""
+    from livetalk_cli.errors import UserError
+
+    check_backend_name(name)
     fits = dtype in KERNEL_DTYPES and head_dim in KERNEL_HEAD_DIMS
     if name == "auto":
         return "csrc" if device.type == "cuda" and fits and cuda_kernel_available() else "sdpa"
     if name == "csrc" and device.type == "cuda":
         if not cuda_kernel_available():
-            raise UserError("--attention csrc: the csrc extension is not built (pip install -e . on a machine "
-                            "with a CUDA torch and toolkit builds it)")
+            raise UserError("--attention csrc: the csrc extension is not built (pip install --no-build-isolation -e . "
+                            "on a machine with a CUDA torch and toolkit builds it)")
         if not fits:
             raise UserError(f"--attention csrc: the kernel takes bf16/fp16 and head dims {KERNEL_HEAD_DIMS}, "
                             f"not {str(dtype).removeprefix('torch.')} x {head_dim}")

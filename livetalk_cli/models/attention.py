@@ -158,11 +158,9 @@ class WindowAttention:
         from livetalk_cli.kernels import sink_ring
 
         w = self.window
-        if self._shared is None:
-            past = w.k.shape[2]
-            self._shared = w.seg if w.seg is not None else (
-                sink_ring.segments(w.mask, w.sink_tokens, past) if w.mask is not None
-                else torch.tensor([w.sink_tokens, past - w.sink_tokens], dtype=torch.int32, device=q.device))
+        if self._shared is None:  # the cache's seg; an exported graph's window has only its mask input
+            assert w.seg is not None or w.mask is not None, "a csrc window needs seg or its mask"
+            self._shared = w.seg if w.seg is not None else sink_ring.segments(w.mask, w.sink_tokens, w.k.shape[2])
         seg = self._shared
         assert isinstance(seg, Tensor)
         args = (q, k.to(w.k.dtype), v.to(w.v.dtype), w.k[layer], w.v[layer], w.cos, w.sin, seg, w.sink_tokens)

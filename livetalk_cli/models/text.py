@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import zlib
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,7 +99,7 @@ def wan_clean(prompt: str) -> str:
     return " ".join(text.split())
 
 
-class _UMT5Prompts:
+class _UMT5Prompts(ABC):
     """umT5 prompt handling shared by both loaders: Wan's cleaning (`wan_clean`), EOS appended by the
     tokenizer, truncation to text_len; output = the encoder's last hidden states at real tokens,
     zeros after."""
@@ -108,8 +109,9 @@ class _UMT5Prompts:
     text_len: int
     text_dim: int
 
+    @abstractmethod
     def _hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
-        raise NotImplementedError
+        """(B, L) ids and mask → (B, L, d_model) last hidden states."""
 
     @torch.no_grad()  # not inference_mode: contexts may feed a training graph
     def __call__(self, prompts: list[str]) -> Tensor:

@@ -73,7 +73,6 @@ class BlockKVCache:
         self.sin = torch.zeros_like(self.cos)
         self.mask = torch.zeros(1, 1, 1, self.past_slots * s + n_blk, device=self.device, dtype=torch.bool)
         self.seg = torch.zeros(2, device=self.device, dtype=torch.int32)  # valid sink, ring tokens
-        self.attention = attention
         layout = dict(backend=attention, sink_tokens=self.sink_frames * s, seg=self.seg)
         self._masked = KVWindow(self.k, self.v, self.cos, self.sin, self.mask, **layout)
         self._full = KVWindow(self.k, self.v, self.cos, self.sin, None, **layout)
