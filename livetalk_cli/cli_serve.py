@@ -51,8 +51,8 @@ def serve_local(
                                "endpoint (turn POSTed as audio/wav, reply audio returned).")
     ] = "echo",
     lead: Annotated[
-        float | None, typer.Option(min=0.05, help="Seconds ahead of playback a turn's first block may be made "
-                                                  "(default: the idle lead plus one block).")
+        float | None, typer.Option(min=0.05, help="Seconds ahead of playback the first block of a turn queued "
+                                                  "whole may be made (default: the idle lead plus one block).")
     ] = None,
     idle_lead: Annotated[
         float, typer.Option(min=0.05, help="Seconds ahead of playback blocks are made: enough to make a block "

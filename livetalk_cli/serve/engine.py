@@ -99,7 +99,7 @@ class Engine:
     def _pick(self, now: float) -> tuple[LiveSession | None, float]:
         """The due session with the earliest deadline, or None and how long to wait."""
         best, best_deadline, wake = None, float("inf"), 0.25
-        backlog = sum(s.stats.last_block_s for s in self.sessions if not s.closed)
+        backlog = sum(s.stats.block_cost_s for s in self.sessions if not s.closed)
         for s in self.sessions:
             plan = s.plan(now, backlog)
             if plan is None:

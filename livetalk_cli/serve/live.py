@@ -51,6 +51,7 @@ class _Turn:
     end: int | None = None  # timeline sample one past its last speech (once all of it is placed)
     started_sent: bool = False
     interrupted: bool = False
+    lead_s: float | None = None  # the idle lead its first block was made with (a streamed turn keeps it)
 
 
 @dataclass
@@ -59,7 +60,14 @@ class Pacing:
     lead covers a block's making, other sessions' included: see `LiveSession.plan`), so a turn's
     speech lands soon after it arrives and an interruption cuts speech after the block being made.
     The block holding a turn's first speech may be made further ahead (`lead_s`; None: idle lead +
-    one block's duration), so it never waits for the clock."""
+    one block's duration), so it never waits for the clock.
+
+    A turn still arriving (a microphone) is placed so that its audio keeps up: its first sample
+    plays a block's audio window plus the idle lead plus one chunk after it arrived (audio comes in
+    real time and every later block of the turn is made the idle lead ahead), with silence before
+    it in its first block. An earlier start would run out of speech mid-turn and the timeline would
+    get silence inside the turn; later blocks of a streamed turn short of audio wait for it up to
+    the lead the turn started with."""
 
     lead_s: float | None = None
     idle_lead_s: float = 0.4
@@ -69,8 +77,17 @@ class Pacing:
 class _Stats:
     frames: int = 0
     last_block_s: float = 0.0
+    block_s: deque[float] = field(default_factory=lambda: deque(maxlen=6))  # the last blocks' making times
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))  # (wall, frames)
     stalls: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=16))  # (wall, stall) per stats
+
+
+    @property
+    def block_cost_s(self) -> float:
+        """What making one block takes: the mean of the last few. Some blocks cost more than the rest
+        (the demo decoder's anchor every third block); the lead follows the mean rather than swinging
+        with each one (a streamed turn keeps the lead it started with: see `Pacing`)."""
+        return sum(self.block_s) / len(self.block_s) if self.block_s else 0.0
 
 
 REALTIME_WINDOW_S, REALTIME_STALL = 5.0, 0.02  # real time: the player stalled < 2 % of the last 5 s
@@ -105,6 +122,7 @@ class LiveSession:
         self._start: tuple[torch.Tensor, str, int] | None = None
         self._prompt: str | None = None
         self._interrupt = False
+        self._idle_s = self.pacing.idle_lead_s  # the idle lead of the last plan (work places speech by it)
         self.t0: float | None = None  # wall time of frame 0's presentation
         self.stall = 0.0
         self._clock_lock = threading.Lock()
@@ -219,16 +237,51 @@ class LiveSession:
                 return now, now
             if not self.avatar.started:
                 return None
-            turn_starts = self.pending > 0 and not self.turns  # the next block holds a new turn's first speech
-            ready = self.avatar.buffer.end + self.pending >= self.avatar.window_end()
         if self.t0 is None:
             return now, now
         due = self.presentation_time(self.avatar.frames_done)
-        idle = max(self.pacing.idle_lead_s, 1.5 * backlog_s)
-        if not (turn_starts and ready):
-            return due - idle, due
-        lead = self.pacing.lead_s if self.pacing.lead_s is not None else idle + self.block_s
-        return due - lead, due
+        idle = self._idle_s = max(self.pacing.idle_lead_s, 1.5 * backlog_s)
+        with self.lock:
+            need = self.avatar.window_end() - self.avatar.buffer.end
+            if self.pending > 0 and not self.turns and self._head_turn()[2]:
+                # the next block holds the first speech of a turn queued whole: it may go further ahead
+                lead = self.pacing.lead_s if self.pacing.lead_s is not None else idle + self.block_s
+                return due - lead, due
+            last = self.turns[-1] if self.turns else None
+            if last is not None and last.lead_s is not None and last.end is None and self.pending < need:
+                # a streamed turn short of audio waits for it as long as the lead it started with allows
+                return due - min(idle, last.lead_s), due
+        return due - idle, due
+
+    def _head_turn(self) -> tuple[int, int, bool]:
+        """The queue's first turn: (samples queued, its longest chunk, whether all of it is queued).
+        With `self.lock` held."""
+        head, queued, chunk = self.speech[0][0], 0, 0
+        for turn_id, samples in self.speech:
+            if turn_id != head:
+                break
+            if samples is None:
+                return queued, chunk, True
+            queued, chunk = queued + len(samples), max(chunk, len(samples))
+        return queued, chunk, False
+
+    def _turn_offset(self, now: float, need: int, idle: float) -> int | None:
+        """Where the queue's first turn starts in the next block (`need` new samples): the samples of
+        silence before it, or None if it cannot start there. All of it queued: at once (0). Still
+        arriving: when its first sample arrived (taken as now less what is queued: audio comes in
+        real time) plus a block's audio window (frames and look-ahead), the idle lead and one of its
+        chunks (arrival jitter), so each later block of the turn finds its audio arrived when it is
+        made (see `Pacing`); None if that is past this block or the block would need audio not
+        arrived yet. With `self.lock` held."""
+        if not self.speech:
+            return None
+        queued, chunk, complete = self._head_turn()
+        if complete:
+            return 0
+        span = self.avatar.window_end() - self.avatar.frames_done * self.spf  # a block's frames + look-ahead
+        at = now + (span + chunk - queued) / self.rate + idle  # when its first sample should play
+        offset = max(0, round((at - self.presentation_time(0)) * self.rate) - self.avatar.buffer.end)
+        return offset if offset < need and need - offset <= queued else None
 
     def work(self) -> None:
         """One unit of engine work: start, or the next block (prompt, interruption and timeline first)."""
@@ -252,6 +305,7 @@ class LiveSession:
         frames, audio = self.avatar.next_block()
         st = self.stats
         st.last_block_s = time.perf_counter() - t
+        st.block_s.append(st.last_block_s)
         st.frames += len(frames)
         now = self.clock()
         if self.t0 is None:
@@ -261,10 +315,22 @@ class LiveSession:
         self._turn_events(frame0 + len(frames))
 
     def _extend_timeline(self) -> None:
-        """Queued speech up to the next block's window end, the rest silence (the block is due)."""
+        """Queued speech up to the next block's window end (a new turn only once it may start: see
+        `Pacing`), the rest silence (the block is due)."""
         need = self.avatar.window_end() - self.avatar.buffer.end
         with self.lock:
-            while need > 0 and self.speech:
+            speak = need
+            if self.speech and not self.turns and self.t0 is not None:
+                offset = self._turn_offset(self.clock(), need, self._idle_s)
+                if offset is None:
+                    speak = 0  # the next turn starts in a later block
+                else:
+                    if offset:
+                        self.avatar.buffer.push(np.zeros(offset, np.float32))
+                    need = speak = need - offset
+                    if not self._head_turn()[2]:
+                        self._turn(self.speech[0][0]).lead_s = self._idle_s  # streamed: keeps this lead
+            while speak > 0 and self.speech:
                 turn_id, samples = self.speech[0]
                 turn = self._turn(turn_id)
                 if samples is None:  # the turn's last sample is placed
@@ -273,8 +339,9 @@ class LiveSession:
                     continue
                 if turn.start is None:
                     turn.start = self.avatar.buffer.end
-                take = samples[:need]
+                take = samples[:speak]
                 self.avatar.buffer.push(take)
+                speak -= len(take)
                 need -= len(take)
                 self.pending -= len(take)
                 if len(take) == len(samples):
