@@ -387,7 +387,7 @@ def bench(
         err.print(f"wrote {json_out}", highlight=False)
 
 
-from livetalk_cli import cli_convert, cli_export, cli_serve, cli_tools  # noqa: E402, F401  # convert, export, serve-local, eval, presets
+from livetalk_cli import cli_convert, cli_export, cli_prepare, cli_serve, cli_tools  # noqa: E402, F401  # convert, export, prepare, serve-local, eval, presets
 
 
 def main() -> None:

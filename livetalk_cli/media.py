@@ -239,6 +239,13 @@ def _read_image(source: Path | io.BytesIO, name: str, max_pixels: int | None = N
 
 
 def _fit_image(img: Image.Image, height: int, width: int, fit: Literal["crop", "pad"]) -> torch.Tensor:
+    arr = np.asarray(fit_pil(img, height, width, fit), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def fit_pil(img: Image.Image, height: int, width: int, fit: str) -> Image.Image:
+    """`img` at height x width: scaled to cover and center-cropped (crop), or scaled to fit and
+    centered on black (pad); Lanczos."""
     w0, h0 = img.size
     if fit == "crop":
         scale = max(width / w0, height / h0)
@@ -252,8 +259,7 @@ def _fit_image(img: Image.Image, height: int, width: int, fit: Literal["crop", "
         canvas = Image.new("RGB", (width, height), (0, 0, 0))
         canvas.paste(img.resize((w1, h1), Image.Resampling.LANCZOS), ((width - w1) // 2, (height - h1) // 2))
         img = canvas
-    arr = np.asarray(img, dtype=np.float32)  # (H, W, 3) in [0, 255]
-    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

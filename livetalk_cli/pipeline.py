@@ -109,6 +109,30 @@ def load_model(
     return _checkpoint_model(Path(checkpoint), preset_name, dev, dt)
 
 
+def load_encoders(*, checkpoint: Path | None, preset_name: str | None, random_weights: bool,
+                  device: torch.device, seed: int = 0) -> tuple[ModelConfig, WanVAE, AudioFeatureEncoder, str]:
+    """Only the model's VAE (fp32 on CPU, bf16 on GPU) and audio encoder, and where they came from:
+    what encoding training data needs (`livetalk prepare`), without the DiT's memory."""
+    if checkpoint is not None and random_weights:
+        raise UserError("--checkpoint and --random-weights exclude each other")
+    if random_weights:  # the very encoders `load_model` draws for this seed (the DiT is drawn first)
+        m = _random_model(preset(preset_name or "tiny"), device, torch.float32, seed)
+        cfg, vae, audio, source = m.cfg, m.vae, m.audio_encoder, f"random weights ({m.cfg.name}, seed {seed})"
+    else:
+        root = Path(checkpoint) if checkpoint is not None else EMBEDDED_DEFAULT
+        spec = read_checkpoint_spec(root)
+        cfg = spec.config
+        if preset_name is not None and preset_name != cfg.name:
+            raise UserError(f"checkpoint {root} is a {cfg.name!r} model, but --preset says {preset_name!r}")
+        with torch.device("meta"):
+            vae = WanVAE(cfg.vae)
+        load_weights(vae, read_state_dict(spec.files["vae"]), f"VAE weights {spec.files['vae']}")
+        audio = build_audio_encoder(cfg, model_dir=spec.files["audio_encoder"], random_weights=False, device=device)
+        source = str(root.resolve())
+    vae = vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    return cfg, vae, audio, source
+
+
 def _random_model(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, seed: int) -> LoadedModel:
     torch.manual_seed(seed)
     with torch.device(dev):

@@ -87,7 +87,15 @@ class StageContext:
         (the encoder is the same, so latents made before stay valid)."""
         vae = WanVAE(self.model_config().vae)
         stage = "decoder" if stage_done(self, "decoder") else "vae"
-        vae.load_state_dict(require(self.out / stage / "vae.safetensors", f"the {stage} stage"))
+        path, teacher = self.out / stage / "vae.safetensors", self.recipe.teacher.checkpoint
+        if stage == "vae" and "vae" not in self.recipe.stages and not path.is_file() and teacher:
+            # a recipe on data encoded elsewhere (`livetalk prepare`): the teacher checkpoint's VAE
+            from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_state_dict
+
+            spec = read_checkpoint_spec(Path(teacher))
+            load_weights(vae, read_state_dict(spec.files["vae"]), f"the teacher's VAE {spec.files['vae']}")
+        else:
+            vae.load_state_dict(require(path, f"the {stage} stage"))
         return vae.to(self.device).eval().requires_grad_(False)
 
     def new_dit(self, seed_offset: int = 0) -> WanDiT:

@@ -77,8 +77,11 @@ def exported_vae(ctx: StageContext) -> str | None:
     if "decoder" in ctx.recipe.stages:
         return _weights(ctx, "for its student folder the fine-tuned VAE", "decoder",
                         ctx.out / "decoder" / "vae.safetensors")
-    return _weights(ctx, "for its student folder the VAE", "vae", ctx.out / "vae" / "vae.safetensors",
-                    " or put your VAE's weights there")
+    path = ctx.out / "vae" / "vae.safetensors"
+    if "vae" not in ctx.recipe.stages and (path.is_file() or ctx.recipe.teacher.checkpoint):
+        return None  # the user's VAE there, or the teacher checkpoint's (`StageContext.load_vae`)
+    return _weights(ctx, "for its student folder the VAE", "vae", path,
+                    ", put your VAE's weights there, or set teacher.checkpoint (its VAE is used)")
 
 
 def latent_set(ctx: StageContext) -> str | None:
