@@ -95,3 +95,50 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
     x.grad = None
     dmd_loss(x, real, real, context, empty, audio, ref, sigma, eps, 1.0, mask).backward()
     assert x.grad.abs().max() < 1e-6
+
+
+def _block_calls(monkeypatch) -> list[int]:
+    """A count of DiT block forwards, recomputations included (module hooks do not see those)."""
+    from livetalk_cli.models.dit import DiTBlock
+
+    calls, forward = [0], DiTBlock.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiTBlock, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("block_frames", [None, 3])  # the teacher's and the ODE-init student's passes
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(block_frames, monkeypatch):
+    """Recomputing each block's activations in backward changes nothing the optimiser sees (the
+    reference: the same model without checkpointing); the blocks do run twice."""
+    cfg, dit, noise, context, audio, ref = _setup()
+    x = noise[0].clone()
+    t = torch.full((2, x.shape[2]), 600.0)
+    grads = []
+    for on in (False, True):
+        model = copy.deepcopy(dit).train().requires_grad_(True)
+        model.grad_checkpointing = on
+        calls = _block_calls(monkeypatch)
+        loss = FlowModel(model)(x, t, context, audio, ref, block_frames=block_frames).square().mean()
+        loss.backward()
+        assert calls[0] == len(model.blocks) * (2 if on else 1)
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss0, g0), (loss1, g1) = grads
+    assert loss1 == loss0 and g1.keys() == g0.keys() and len(g0) > 10
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7)
+
+
+def test_grad_checkpointing_leaves_kv_cache_passes_alone(monkeypatch):
+    """The rollout reads a KV cache that later commits overwrite: its passes are never recomputed."""
+    cfg, dit, noise, context, audio, ref = _setup()
+    dit.train().requires_grad_(True).grad_checkpointing = True
+    calls = _block_calls(monkeypatch)
+    x = Rollout(FlowModel(dit), cfg.stream)(noise, context, audio, ref, exit_step=1)
+    before = calls[0]
+    x.square().sum().backward()
+    assert calls[0] == before  # backward recomputed nothing

@@ -100,18 +100,21 @@ class StageContext:
 
     def new_dit(self, seed_offset: int = 0) -> WanDiT:
         torch.manual_seed(self.recipe.seed + seed_offset)
-        return WanDiT(self.model_config().dit).to(self.device)
+        return self._dit_ready(WanDiT(self.model_config().dit))
 
     def load_dit(self, stage: str) -> WanDiT:
+        dit = WanDiT(self.model_config().dit)
         if stage == "teacher" and self.recipe.teacher.checkpoint:
             from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_dit_weights
 
             spec = read_checkpoint_spec(Path(self.recipe.teacher.checkpoint))
-            dit = WanDiT(self.model_config().dit)
             load_weights(dit, read_dit_weights(spec), "teacher DiT")
-            return dit.to(self.device)
-        dit = WanDiT(self.model_config().dit)
-        dit.load_state_dict(require(self.out / stage / "dit.safetensors", f"the {stage} stage"))
+        else:
+            dit.load_state_dict(require(self.out / stage / "dit.safetensors", f"the {stage} stage"))
+        return self._dit_ready(dit)
+
+    def _dit_ready(self, dit: WanDiT) -> WanDiT:
+        dit.grad_checkpointing = self.recipe.grad_checkpointing
         return dit.to(self.device)
 
 

@@ -177,6 +177,7 @@ class Recipe:
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # how models are wrapped under torchrun
+    grad_checkpointing: bool = False  # DiT blocks recompute activations in backward (whole-sequence passes)
     world: WorldDataConfig = field(default_factory=WorldDataConfig)
     vae: VAEStage = field(default_factory=VAEStage)
     decoder: DecoderStage = field(default_factory=DecoderStage)

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from livetalk_cli.config import DiTConfig
-from livetalk_cli.models.attention import SelfAttention, attention
+from livetalk_cli.models.attention import SelfAttention, SequenceAttention, attention
 
 
 def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
@@ -189,6 +190,10 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
+        # Training on long sequences: each block's activations are recomputed in the backward pass
+        # instead of kept (torch.utils.checkpoint). Only for `SequenceAttention` passes: a KV-cache
+        # pass reads a cache that later commits overwrite, so a recompute would see other values.
+        self.grad_checkpointing = False
         if cfg.has_audio:
             self.audio_proj = AudioPack(cfg)
             self.audio_cond_projs = nn.ModuleList(
@@ -245,7 +250,10 @@ class WanDiT(nn.Module):
         for i, blk in enumerate(self.blocks):
             if cond.audio is not None and 2 <= i <= cfg.num_layers // 2:
                 h = h + cond.audio[i - 2].unsqueeze(2)  # (B, F, 1, D) onto every token of its frame
-            h = blk(h, e, cond.text_kv[i], i, attn)
+            if self.grad_checkpointing and torch.is_grad_enabled() and isinstance(attn, SequenceAttention):
+                h = torch.utils.checkpoint.checkpoint(blk, h, e, cond.text_kv[i], i, attn, use_reentrant=False)
+            else:
+                h = blk(h, e, cond.text_kv[i], i, attn)
 
         out = self.head(h, t_emb).float()  # (B, F, S, pt*ph*pw*C)
         out = out.view(b, f, gh, gw, pt, ph, pw, cfg.out_dim)
