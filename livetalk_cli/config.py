@@ -105,6 +105,10 @@ class AudioConfig:
     mel_frames_per_video_frame: int = 4
     context_s: float = 0.5  # audio before a block's first frame given to the encoder
     lookahead_s: float = 0.0  # audio after a block's last frame given to the encoder
+    # wav2vec2 only: how N frames' features sit in time. "span": the CNN features of N/fps seconds
+    # are interpolated to N points; "start": of (N-1)/fps seconds, so frame k's feature sits at
+    # k/fps — OmniAvatar's and LiveTalk's grid (their frames would sit 16-62 ms later on "span").
+    frame_grid: Literal["span", "start"] = "span"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -314,7 +318,7 @@ def _wan_1_3b_dit(**kw: Any) -> DiTConfig:
 
 
 def _omniavatar_audio() -> AudioConfig:
-    return AudioConfig(encoder="wav2vec2", context_s=1.0, lookahead_s=0.25)
+    return AudioConfig(encoder="wav2vec2", context_s=1.0, lookahead_s=0.25, frame_grid="start")
 
 
 # LiveTalk's inference (configs/causal_inference.yaml): 15 latent frames including the block being

@@ -172,6 +172,30 @@ def test_wav2vec2_matches_hf_hidden_states(tmp_path: Path) -> None:
     torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_wav2vec2_start_grid_spreads_n_minus_1_frames_of_audio_over_n(tmp_path: Path) -> None:
+    """OmniAvatar/LiveTalk's grid: the CNN features of (N-1)/fps seconds, interpolated to N points
+    (rebuilt here from the HF submodules); the last frame's own audio is not read."""
+    model = _tiny_wav2vec2(tmp_path, (10, 3, 3, 3, 3, 2, 2))
+    enc = Wav2Vec2Encoder(tmp_path, FPS, "cpu", frame_grid="start")
+    n = 12
+    wave = speechlike(1.0)[: n * SPF]
+    feats = enc.encode(wave, n)
+    x = wave[: (n - 1) * SPF]
+    x = (x - x.mean()) / torch.sqrt(x.var(correction=0) + 1e-7)
+    with torch.no_grad():
+        cnn = F.interpolate(model.feature_extractor(x[None]), size=n, mode="linear", align_corners=True)
+        last = model.encoder(model.feature_projection(cnn.transpose(1, 2))[0]).last_hidden_state[0]
+    torch.testing.assert_close(feats[:, :16], last, rtol=1e-5, atol=1e-5)
+    changed = wave.clone()
+    changed[(n - 1) * SPF:] = 0.5
+    torch.testing.assert_close(enc.encode(changed, n), feats, rtol=0, atol=0)
+    span = Wav2Vec2Encoder(tmp_path, FPS, "cpu")  # the default grid reads all N frames' audio
+    assert not torch.equal(span.encode(changed, n), span.encode(wave, n))
+    assert preset("omniavatar-1.3b").audio.frame_grid == "start" and preset("tiny").audio.frame_grid == "span"
+    with pytest.raises(ValueError, match="frame_grid"):
+        Wav2Vec2Encoder(tmp_path, FPS, "cpu", frame_grid="middle")
+
+
 def test_wav2vec2_rejects_other_models(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(CheckpointError):

@@ -178,11 +178,12 @@ class Wav2Vec2Encoder:
     Output = cat([last_hidden_state, *hidden_states], -1) where hidden_states are the input of
     layer 0 and the output of every layer: (N, (num_hidden_layers + 2) * hidden_size),
     14 * 768 = 10752 for wav2vec2-base. margin = 0 (the transformer sees the whole segment, so
-    features depend on the window: see `frame_features`).
+    features depend on the window: see `frame_features`). frame_grid "start" (`AudioConfig`): only
+    the segment's first (N-1) frames of audio are encoded and spread over the N frames.
     """
 
     def __init__(self, model_dir: Path, fps: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, sample_rate: int = 16000):
+                 dtype: torch.dtype = torch.float32, sample_rate: int = 16000, frame_grid: str = "span"):
         model_dir = Path(model_dir)
         config_file = model_dir / "config.json"
         if not config_file.is_file():
@@ -206,6 +207,9 @@ class Wav2Vec2Encoder:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.spf = samples_per_frame(sample_rate, fps)
         self.margin = 0
+        if frame_grid not in ("span", "start"):
+            raise ValueError(f"frame_grid must be 'span' or 'start', got {frame_grid!r}")
+        self.frame_grid = frame_grid
         self.num_layers = config.num_hidden_layers
         self.feature_dim = (config.num_hidden_layers + 2) * config.hidden_size
         log.info("wav2vec2 from %s: %d layers x %d → %d features per frame",
@@ -216,6 +220,8 @@ class Wav2Vec2Encoder:
         """segment: (N*spf,) → (N, (num_hidden_layers + 2) * hidden_size) float32."""
         _check_segment(segment, num_frames, self.spf, self.margin)
         x = segment.to(self.device, torch.float32)
+        if self.frame_grid == "start" and num_frames > 1:
+            x = x[: (num_frames - 1) * self.spf]  # (N-1)/fps seconds spread over N frames
         x = (x - x.mean()) / torch.sqrt(x.var(correction=0) + 1e-7)  # do_normalize
         feats = self.model.feature_extractor(x[None].to(self.dtype))  # (1, C, T)
         feats = F.interpolate(feats, size=num_frames, mode="linear", align_corners=True)  # (1, C, N)
@@ -302,7 +308,8 @@ def build_audio_encoder(cfg: ModelConfig, *, model_dir: Path | None, random_weig
     if cfg.audio.encoder != "wav2vec2":
         raise UserError(f"unknown audio encoder {cfg.audio.encoder!r}")
     if model_dir is not None:
-        enc = Wav2Vec2Encoder(model_dir, cfg.fps, device, sample_rate=cfg.audio.sample_rate)
+        enc = Wav2Vec2Encoder(model_dir, cfg.fps, device, sample_rate=cfg.audio.sample_rate,
+                              frame_grid=cfg.audio.frame_grid)
         if cfg.dit.audio_dim is not None and enc.feature_dim != cfg.dit.audio_dim:
             raise CheckpointError(
                 f"wav2vec2 in {model_dir} gives {enc.feature_dim} features per frame, "
