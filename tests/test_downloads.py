@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from livetalk_cli.checkpoint import read_checkpoint_spec, read_state_dict
+from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_state_dict
 from livetalk_cli.errors import CheckpointError
 
 
@@ -78,3 +78,44 @@ def test_sharded_safetensors_through_their_index(tmp_path):
     (tmp_path / "m-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="shard m-00002-of-00002.safetensors not found"):
         read_state_dict(index)
+
+
+def _livetalk_student_keys(layers: int, audio_layers: int) -> list[str]:
+    """The tensor names of LiveTalk's causal student (`CausalWanModel` in GAIR-NLP/LiveTalk's
+    model/causal_wan_video_dit_omniavatar.py, loaded from model.safetensors as saved), written out
+    from its module tree: not derived from our DiT or our name mapping."""
+    keys = ["patch_embedding.weight", "patch_embedding.bias"]
+    keys += [f"{m}.{i}.{p}" for m, idx in (("text_embedding", (0, 2)), ("time_embedding", (0, 2)),
+                                            ("time_projection", (1,))) for i in idx for p in ("weight", "bias")]
+    for b in range(layers):
+        for attn in ("self_attn", "cross_attn"):
+            keys += [f"blocks.{b}.{attn}.{lin}.{p}" for lin in "qkvo" for p in ("weight", "bias")]
+            keys += [f"blocks.{b}.{attn}.norm_q.weight", f"blocks.{b}.{attn}.norm_k.weight"]
+        keys += [f"blocks.{b}.norm3.weight", f"blocks.{b}.norm3.bias", f"blocks.{b}.modulation"]
+        keys += [f"blocks.{b}.ffn.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+    keys += ["head.head.weight", "head.head.bias", "head.modulation"]
+    keys += [f"audio_proj.{m}.{p}" for m in ("proj", "norm_out") for p in ("weight", "bias")]
+    keys += [f"audio_cond_projs.{i}.{p}" for i in range(audio_layers) for p in ("weight", "bias")]
+    return keys
+
+
+def test_a_livetalk_student_file_loads_by_its_own_key_names(tmp_path):
+    from livetalk_cli.lora import merged_dit_weights
+    from livetalk_cli.models.dit import WanDiT
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg().dit
+    shapes = {k: v.shape for k, v in WanDiT(cfg).state_dict().items()}  # sizes only: names come from LiveTalk
+    names = _livetalk_student_keys(cfg.num_layers, cfg.num_layers // 2 - 1)
+    assert len(names) == len(shapes)
+    torch.manual_seed(0)
+    tensors = {k: torch.randn(shapes[k]) for k in names}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    dit = WanDiT(cfg)
+    load_weights(dit, merged_dit_weights(tmp_path / "model.safetensors", None, None), "student")
+    for k, v in dit.state_dict().items():
+        torch.testing.assert_close(v, tensors[k], rtol=0, atol=0)
+    del tensors["head.modulation"]
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match="head.modulation"):
+        load_weights(WanDiT(cfg), merged_dit_weights(tmp_path / "bad.safetensors", None, None), "student")
