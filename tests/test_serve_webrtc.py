@@ -102,7 +102,11 @@ def _check_sender_sync(out: webrtc.RtcOutput, fps: int, seconds: float) -> np.nd
     assert out.counts["resyncs"] == 0, out.counts  # audio never drifted from the clock (nor skipped speech)
     assert (np.diff(video[:, 1]) > 0).all()  # new frames go out in timeline order
     shown = np.searchsorted(video[:, 1], audio[:, 1], side="right") - 1  # the frame on screen at the chunk's start
-    keep = shown >= 0
+    # Compared only with the frame that shows the chunk's moment: when the event loop is held up (two
+    # busy cores), the video track skips to the newest frame and the skipped frames have no send time.
+    own = np.floor(audio[:, 1] * fps + 1e-6)
+    keep = (shown >= 0) & (np.round(video[np.maximum(shown, 0), 1] * fps) == own)
+    assert keep.mean() > 0.8, keep.mean()  # nearly every chunk is compared
     skew = audio[keep, 0] - (video[shown[keep], 0] + audio[keep, 1] - video[shown[keep], 1])
     assert np.quantile(np.abs(skew), 0.95) < 1 / fps and np.abs(skew).max() < 3 / fps, np.quantile(skew, [0, 0.5, 1])
     return skew
