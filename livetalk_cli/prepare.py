@@ -161,21 +161,25 @@ def _clips_in_order(jobs: list[tuple[Source, int, int, int]], framing: Framing,
     queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in jobs]
     stop = threading.Event()
 
+    def put(q: queue.Queue, item: object) -> bool:
+        """Hand `item` over unless the consumer has stopped (False)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run(i: int) -> None:
         src, frames, first, _ = jobs[i]
         try:
             for clip in read_clips(src.path, framing, frames, box=src.box, first_clip=first):
-                while not stop.is_set():
-                    try:
-                        queues[i].put(clip, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(queues[i], clip):
                     return
-            queues[i].put(None)
+            put(queues[i], None)
         except BaseException as e:  # handed to the consumer, which raises it in order
-            queues[i].put(e)
+            put(queues[i], e)
 
     with ThreadPoolExecutor(workers) as pool:
         try:
