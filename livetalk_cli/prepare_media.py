@@ -120,7 +120,6 @@ def read_clips(path: Path, framing: Framing, frames: int, *, box: tuple[int, int
     if first_clip >= clips:
         return
     buf: list[np.ndarray] = []
-    j = 0  # next output frame
     skip = first_clip * t  # output frames before the first clip wanted: not converted
     try:
         with av.open(str(path)) as c:
@@ -129,32 +128,36 @@ def read_clips(path: Path, framing: Framing, frames: int, *, box: tuple[int, int
             start = _start_s(vs)
             offset = _audio_offset(c, start, framing.sample_rate)
             audio = np.concatenate([np.zeros(max(-offset, 0), np.float32), audio[max(offset, 0):]])
-            held, held_img = None, None
-            for frame in c.decode(vs):
-                ts = frame.time if frame.time is not None else start + j / framing.fps
-                while j < clips * t and held is not None and start + j / framing.fps < ts - _EPS:
-                    if j >= skip:
-                        if held_img is None:
-                            held_img = _fit_frame(held, framing, box)
-                        buf.append(held_img)
-                    j += 1
-                    if len(buf) == t:
-                        yield _clip(j // t - 1, buf, audio, framing)
-                        buf = []
-                if j >= clips * t:
-                    return
-                held, held_img = frame, None
-            while j < clips * t and held is not None:  # the last source frame holds to the end
-                if j >= skip:
-                    if held_img is None:
-                        held_img = _fit_frame(held, framing, box)
-                    buf.append(held_img)
-                j += 1
+            last, img = None, None
+            for j, frame in enumerate(_sample_and_hold(c.decode(vs), start, framing.fps, clips * t)):
+                if j < skip:
+                    continue
+                if frame is not last:  # a held frame is converted once
+                    last, img = frame, _fit_frame(frame, framing, box)
+                buf.append(img)
                 if len(buf) == t:
-                    yield _clip(j // t - 1, buf, audio, framing)
+                    yield _clip(j // t, buf, audio, framing)
                     buf = []
     except (av.FFmpegError, ValueError) as e:
         raise MediaError(f"cannot decode video {path}: {' '.join(str(e).split())}") from e
+
+
+def _sample_and_hold(decoded: Iterator[av.VideoFrame], start: float, fps: int,
+                     total: int) -> Iterator[av.VideoFrame]:
+    """Output frames 0 .. total-1: each the last source frame stamped at or before start + j/fps
+    (the last source frame holds to the end)."""
+    j, held = 0, None
+    for frame in decoded:
+        ts = frame.time if frame.time is not None else start + j / fps
+        while j < total and held is not None and start + j / fps < ts - _EPS:
+            yield held
+            j += 1
+        if j >= total:
+            return
+        held = frame
+    while j < total and held is not None:
+        yield held
+        j += 1
 
 
 def pick_reference(frames: np.ndarray) -> int:
