@@ -75,9 +75,8 @@ def prepare_cmd(
                                 completed=0)
 
             with torch.inference_mode():
-                summary = prepare(sources, out, framing=framing, vae=vae, encoder=encoder, encoders=where,
-                                  still_reference=cfg.still_reference_latents, cfg=cfg, workers=workers,
-                                  on_plan=on_plan, on_clip=lambda: progress.advance(task))
+                summary = prepare(sources, out, framing=framing, vae=vae, encoder=encoder, encoders=where, cfg=cfg,
+                                  workers=workers, on_plan=on_plan, on_clip=lambda: progress.advance(task))
     for video, why in summary.skipped.items():
         err.print(f"skipped {video}: {why}", highlight=False)
     for video, why in summary.failed.items():

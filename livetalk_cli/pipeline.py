@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_dit_weights, read_state_dict
+from livetalk_cli.checkpoint import (
+    CheckpointSpec,
+    load_weights,
+    read_checkpoint_spec,
+    read_dit_weights,
+    read_state_dict,
+)
 from livetalk_cli.config import ModelConfig, preset
 from livetalk_cli.errors import UserError
 from livetalk_cli.models.audio import AudioFeatureEncoder, build_audio_encoder
@@ -120,13 +126,8 @@ def load_encoders(*, checkpoint: Path | None, preset_name: str | None, random_we
         cfg, vae, audio, source = m.cfg, m.vae, m.audio_encoder, f"random weights ({m.cfg.name}, seed {seed})"
     else:
         root = Path(checkpoint) if checkpoint is not None else EMBEDDED_DEFAULT
-        spec = read_checkpoint_spec(root)
-        cfg = spec.config
-        if preset_name is not None and preset_name != cfg.name:
-            raise UserError(f"checkpoint {root} is a {cfg.name!r} model, but --preset says {preset_name!r}")
-        with torch.device("meta"):
-            vae = WanVAE(cfg.vae)
-        load_weights(vae, read_state_dict(spec.files["vae"]), f"VAE weights {spec.files['vae']}")
+        spec = _read_spec(root, preset_name)
+        cfg, vae = spec.config, checkpoint_vae(spec)
         audio = build_audio_encoder(cfg, model_dir=spec.files["audio_encoder"], random_weights=False, device=device)
         source = str(root.resolve())
     vae = vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
@@ -147,19 +148,31 @@ def _random_model(cfg: ModelConfig, dev: torch.device, dt: torch.dtype, seed: in
     return _finish(cfg, dit, vae, text, audio, dev, dt, f"random weights ({cfg.name})")
 
 
-def _checkpoint_model(root: Path, preset_name: str | None, dev: torch.device, dt: torch.dtype) -> LoadedModel:
+def _read_spec(root: Path, preset_name: str | None) -> CheckpointSpec:
     spec = read_checkpoint_spec(root)
-    cfg = spec.config
-    if preset_name is not None and preset_name != cfg.name:
-        raise UserError(f"checkpoint {root} is a {cfg.name!r} model, but --preset says {preset_name!r}")
-    files = spec.files
-    assert files["dit"] is not None and files["vae"] is not None  # checked by read_checkpoint_spec
+    if preset_name is not None and preset_name != spec.config.name:
+        raise UserError(f"checkpoint {root} is a {spec.config.name!r} model, but --preset says {preset_name!r}")
+    return spec
+
+
+def checkpoint_vae(spec: CheckpointSpec) -> WanVAE:
+    """The checkpoint's VAE, built on the meta device and given the file's tensors (no second copy)."""
+    assert spec.files["vae"] is not None  # checked by read_checkpoint_spec
+    with torch.device("meta"):
+        vae = WanVAE(spec.config.vae)
+    load_weights(vae, read_state_dict(spec.files["vae"]), f"VAE weights {spec.files['vae']}")  # hook restores mean/std
+    return vae
+
+
+def _checkpoint_model(root: Path, preset_name: str | None, dev: torch.device, dt: torch.dtype) -> LoadedModel:
+    spec = _read_spec(root, preset_name)
+    cfg, files = spec.config, spec.files
+    assert files["dit"] is not None  # checked by read_checkpoint_spec
     with torch.device("meta"):
         dit = WanDiT(cfg.dit)
-        vae = WanVAE(cfg.vae)
     load_weights(dit, read_dit_weights(spec), f"DiT weights {files['dit']}"
                  + (f" + LoRA {files['dit_lora']}" if files["dit_lora"] else ""))
-    load_weights(vae, read_state_dict(files["vae"]), f"VAE weights {files['vae']}")  # hook restores mean/std
+    vae = checkpoint_vae(spec)
     text: TextEncoder
     if cfg.text_encoder == "builtin":
         if files["text_encoder"] is None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from livetalk_cli.config import ModelConfig
 from livetalk_cli.distill.data import SHARD, clip_audio_features, video_tensor
 from livetalk_cli.errors import MediaError, UserError
 from livetalk_cli.files import atomic_path, save_safetensors_atomic
@@ -88,12 +89,12 @@ def plan(sources: list[Source], framing: Framing, out: Path, workers: int) -> di
 
 @torch.no_grad()
 def prepare(sources: list[Source], out: Path, *, framing: Framing, vae: WanVAE, encoder: AudioFeatureEncoder,
-            encoders: str, still_reference: int, cfg: Any, workers: int = 1,
+            encoders: str, cfg: ModelConfig, workers: int = 1,
             on_plan: Callable[[int, int], None] | None = None,
             on_clip: Callable[[], None] | None = None) -> Summary:
     """Encode every clip of `sources` into OUT's shards (resuming); see the module docstring."""
     out.mkdir(parents=True, exist_ok=True)
-    sid = settings_id(framing, encoders, still_reference)
+    sid = settings_id(framing, encoders, cfg.still_reference_latents)
     probes = plan(sources, framing, out, workers)
     summary = Summary()
     clips: list[tuple[Source, int]] = []  # (source, clip number) per global clip
@@ -121,7 +122,6 @@ def prepare(sources: list[Source], out: Path, *, framing: Framing, vae: WanVAE, 
         if int(stale.stem.split("_")[1]) >= summary.shards:
             stale.unlink()
     rows: dict[int, list[dict[str, Any]]] = {k: [] for k in todo}
-    device = next(vae.parameters()).device
     g = 0
     jobs = []
     for src in sources:
@@ -136,7 +136,7 @@ def prepare(sources: list[Source], out: Path, *, framing: Framing, vae: WanVAE, 
         k = (g0 + clip.index) // SHARD
         if k not in todo:
             continue
-        rows[k].append(_encode(clip, src, framing, vae, encoder, cfg, still_reference, device))
+        rows[k].append(_encode(clip, src, framing, vae, encoder, cfg))
         summary.encoded += 1
         if on_clip:
             on_clip()
@@ -194,11 +194,12 @@ def _clips_in_order(jobs: list[tuple[Source, int, int, int]], framing: Framing,
             stop.set()
 
 
-def _encode(clip: Clip, src: Source, framing: Framing, vae: WanVAE, encoder: AudioFeatureEncoder, cfg: Any,
-            still_reference: int, device: torch.device) -> dict[str, Any]:
+def _encode(clip: Clip, src: Source, framing: Framing, vae: WanVAE, encoder: AudioFeatureEncoder,
+            cfg: ModelConfig) -> dict[str, Any]:
     ref = pick_reference(clip.frames)
     frames = with_reference(clip.frames, ref)
-    dtype = next(vae.parameters()).dtype
+    param = next(vae.parameters())
+    device, dtype = param.device, param.dtype
     row: dict[str, Any] = {
         "latents": vae.encode(video_tensor(frames)[None].to(device, dtype)).float().cpu(),
         "audio": clip_audio_features(encoder, cfg, clip.audio, framing.clip_frames),
@@ -206,9 +207,9 @@ def _encode(clip: Clip, src: Source, framing: Framing, vae: WanVAE, encoder: Aud
         "prompt": src.prompt,
         "reference_frame": ref,
     }
-    if still_reference:
+    if cfg.still_reference_latents:
         image = video_tensor(frames[:1])[None].to(device, dtype)
-        row["reference"] = vae.encode_reference(image, still_reference).float().cpu()
+        row["reference"] = vae.encode_reference(image, cfg.still_reference_latents).float().cpu()
     return row
 
 

@@ -85,16 +85,16 @@ class StageContext:
     def load_vae(self) -> WanVAE:
         """The trained VAE, with the `decoder` stage's fine-tuned decoder once that stage is done
         (the encoder is the same, so latents made before stay valid)."""
-        vae = WanVAE(self.model_config().vae)
         stage = "decoder" if stage_done(self, "decoder") else "vae"
         path, teacher = self.out / stage / "vae.safetensors", self.recipe.teacher.checkpoint
         if stage == "vae" and "vae" not in self.recipe.stages and not path.is_file() and teacher:
             # a recipe on data encoded elsewhere (`livetalk prepare`): the teacher checkpoint's VAE
-            from livetalk_cli.checkpoint import load_weights, read_checkpoint_spec, read_state_dict
+            from livetalk_cli.checkpoint import read_checkpoint_spec
+            from livetalk_cli.pipeline import checkpoint_vae
 
-            spec = read_checkpoint_spec(Path(teacher))
-            load_weights(vae, read_state_dict(spec.files["vae"]), f"the teacher's VAE {spec.files['vae']}")
+            vae = checkpoint_vae(read_checkpoint_spec(Path(teacher)))
         else:
+            vae = WanVAE(self.model_config().vae)
             vae.load_state_dict(require(path, f"the {stage} stage"))
         return vae.to(self.device).eval().requires_grad_(False)
 

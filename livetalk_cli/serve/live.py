@@ -76,11 +76,14 @@ class Pacing:
 @dataclass
 class _Stats:
     frames: int = 0
-    last_block_s: float = 0.0
     block_s: deque[float] = field(default_factory=lambda: deque(maxlen=6))  # the last blocks' making times
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))  # (wall, frames)
     stalls: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=16))  # (wall, stall) per stats
 
+
+    @property
+    def last_block_s(self) -> float:
+        return self.block_s[-1] if self.block_s else 0.0
 
     @property
     def block_cost_s(self) -> float:
@@ -304,8 +307,7 @@ class LiveSession:
         frame0 = self.avatar.frames_done
         frames, audio = self.avatar.next_block()
         st = self.stats
-        st.last_block_s = time.perf_counter() - t
-        st.block_s.append(st.last_block_s)
+        st.block_s.append(time.perf_counter() - t)
         st.frames += len(frames)
         now = self.clock()
         if self.t0 is None:
