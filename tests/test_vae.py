@@ -116,6 +116,28 @@ def test_vae_stream_anchor_rebuilds_the_cache_from_the_first_latent(vae: WanVAE,
 
 
 @torch.no_grad()
+def test_vae_stream_settled_first_frame_is_the_still_latents_last_frame(vae: WanVAE) -> None:
+    """Frame 0 becomes the last frame of a whole decode of [reference latent, its still latent];
+    every later frame is the plain stream's (the decoder's history does not change), anchors too."""
+    from livetalk_cli.runtime.vae_stream import VAEStream
+
+    z = _latents(9, seed=6)
+    still = _latents(1, seed=7)
+    for every in (0, 2):
+        plain, settled = VAEStream(vae, anchor_every=every), VAEStream(vae, anchor_every=every, settled=still)
+        got, want = [], []
+        for block in z.split(3, dim=2):
+            for stream, out in ((plain, want), (settled, got)):
+                stream.begin_block()
+                out.append(stream.decode(block))
+        got_v, want_v = torch.cat(got, dim=2), torch.cat(want, dim=2)
+        expected0 = vae.decode(torch.cat([z[:, :, :1], still], dim=2))[:, :, -1]
+        torch.testing.assert_close(got_v[:, :, 0], expected0, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got_v[:, :, 0], want_v[:, :, 0], atol=1e-3)
+        torch.testing.assert_close(got_v[:, :, 1:], want_v[:, :, 1:], atol=0, rtol=0)
+
+
+@torch.no_grad()
 def test_vae_stream_anchor_cross_fades_from_the_continuation(vae: WanVAE) -> None:
     """With a fade of one block: block 2 (anchored) is the plain stream's block 2 blended into the
     anchored decode's, frame j of 12 weighing the anchored one (j + 1) / 13; block 3 is anchored."""

@@ -11,6 +11,11 @@ every `anchor_every`-th block the decoder's slots go back to those after the str
 alone (computed once, when first needed) and the last `history` latents are replayed through
 `decode_next` (frames dropped), so the decoder always has the reference frame in its history.
 
+With a `settled` latent (`StreamConfig.settled_first_frame`) frame 0 is not the decoder's
+one-frame output of the reference latent but the last frame of that still latent (the reference
+image's second still latent) decoded after the reference latent alone, the steady path every later
+frame takes; the decoder's history is unchanged (the stream continues from the first chunk).
+
 The reset is not shown as a cut: for `fade_latents` latents after it the decoder also continues
 from the slots it had (one more decode of those latents), and the frames cross-fade linearly from
 that continuation to the anchored decode, frame j of N weighing the anchored one (j + 1) / (N + 1).
@@ -41,8 +46,9 @@ class StreamingDecoder(Protocol):
 
 class VAEStream:
     def __init__(self, vae: WanVAE | StreamingDecoder, anchor_every: int = 0, history: int = 2,
-                 fade_latents: int = 0, dtype: torch.dtype | None = None):
+                 fade_latents: int = 0, dtype: torch.dtype | None = None, settled: Tensor | None = None):
         self.vae, self.every, self.history = vae, anchor_every, history
+        self.settled = settled  # (1, C, 1, h, w): frame 0's still latent, or None (the one-frame decode)
         self.fade_frames = fade_latents * vae.cfg.temporal_factor  # 0: the anchor is a cut
         self._fade_slots: list[Tensor] | None = None  # the un-anchored decoder's slots while fading
         self._faded = 0  # frames of the fade already emitted
@@ -58,11 +64,10 @@ class VAEStream:
     def begin_block(self) -> None:
         """Call once before decoding each block's latents (re-anchors when it is time)."""
         if self.every and self.blocks and self.blocks % self.every == 0 and self.first is not None:
-            if self._anchor_slots is None:
-                self._anchor_slots = self.vae.decode_first(self.first)[1]
+            anchor = self._anchor()
             if self.fade_frames:
                 self._fade_slots, self._faded = self.slots, 0
-            self.slots = self._anchor_slots  # the reset
+            self.slots = anchor  # the reset
             if self.recent is not None:
                 self.slots = self.vae.decode_next(self.recent, self.slots)[1]
         self.blocks += 1
@@ -74,6 +79,8 @@ class VAEStream:
         if self.slots is None:
             self.first = z[:, :, :1]
             video, self.slots = self.vae.decode_first(z)
+            if self.settled is not None:
+                video = torch.cat([self._settled_frame(), video[:, :, 1:]], dim=2)
         else:
             video, self.slots = self.vae.decode_next(z, self.slots)
             if self._fade_slots is not None:
@@ -81,6 +88,16 @@ class VAEStream:
         if self.every and self.history:
             self.recent = (z if self.recent is None else torch.cat([self.recent, z], 2))[:, :, -self.history:]
         return video
+
+    def _anchor(self) -> list[Tensor]:
+        """The decoder's slots after the stream's first latent alone (computed once)."""
+        if self._anchor_slots is None:
+            self._anchor_slots = self.vae.decode_first(self.first)[1]
+        return self._anchor_slots
+
+    def _settled_frame(self) -> Tensor:
+        assert self.settled is not None
+        return self.vae.decode_next(self.settled.to(self.dtype), self._anchor())[0][:, :, -1:]
 
     def _cross_fade(self, z: Tensor, anchored: Tensor) -> Tensor:
         """The anchored frames blended with the continuation of the decoder's pre-anchor slots."""
