@@ -142,3 +142,72 @@ def test_grad_checkpointing_leaves_kv_cache_passes_alone(monkeypatch):
     before = calls[0]
     x.square().sum().backward()
     assert calls[0] == before  # backward recomputed nothing
+
+
+def _long_setup(blocks: int, refs: int = 4):
+    """A stream with sinks and a ring that wraps within `blocks` blocks, relative positions (the
+    demo's layout), and `refs` still-reference latents."""
+    cfg = tiny_cfg(sink_frames=3, window_frames=3, relative_rope=True)
+    dit = tiny_dit(cfg, 3)
+    torch.manual_seed(4)
+    bf, k = cfg.stream.block_frames, cfg.stream.num_steps
+    f = blocks * bf
+    h, w = cfg.latent_hw
+    c = cfg.dit.out_dim
+    noise = torch.randn(k, 2, c, f, h, w)
+    context = torch.randn(2, cfg.dit.text_len, cfg.dit.text_dim)
+    audio = torch.randn(2, 1 + 4 * (f - 1), cfg.dit.audio_dim)
+    ref = torch.randn(2, c, refs, h, w)
+    return cfg, dit, noise, context, audio, ref
+
+
+@torch.no_grad()
+def test_long_rollout_is_the_inference_stream_past_the_ring_wrap():
+    """A rollout longer than the cache (5 blocks through 3 sinks + a 3-frame ring) runs the
+    inference sampler's stream — evictions, relative positions, still-reference positions — and
+    hands the scores its last 2 blocks with their first latent replaced by the reference."""
+    blocks, scored = 5, 2
+    cfg, dit, noise, context, audio, ref = _long_setup(blocks)
+    k, bf = cfg.stream.num_steps, cfg.stream.block_frames
+    x = Rollout(FlowModel(dit), cfg.stream, inference_cache=True)(noise, context, audio, ref, k - 1, scored)
+
+    sampler = BlockSampler(dit, cfg, batch=2)
+    sampler.start(dit.prepare_text(context), ref)
+    proj = dit.prepare_audio(pack_audio_frames(audio, stream_start=True))
+    out = [sampler.denoise_block(noise[:, :, :, b * bf:(b + 1) * bf], proj[:, :, b * bf:(b + 1) * bf])
+           for b in range(blocks)]
+    expected = torch.cat(out[-scored:], dim=2)
+    expected[:, :, 0] = ref[:, :, 0]
+    assert x.shape == expected.shape
+    torch.testing.assert_close(x, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_long_rollout_gradient_reaches_only_the_scored_blocks():
+    blocks, scored, exit_step = 4, 2, 1
+    cfg, dit, noise, context, audio, ref = _long_setup(blocks)
+    dit.train()
+    bf = cfg.stream.block_frames
+    noise.requires_grad_(True)
+    x = Rollout(FlowModel(dit), cfg.stream, inference_cache=True)(noise, context, audio, ref, exit_step, scored)
+    x[:, :, 1:].square().sum().backward()
+    g = noise.grad
+    first_scored = (blocks - scored) * bf
+    assert g[:, :, :, :first_scored].abs().max() == 0  # earlier blocks ran without gradient
+    assert g[exit_step, :, :, first_scored + 1:].abs().max() > 0
+    others = [i for i in range(cfg.stream.num_steps) if i != exit_step]
+    assert g[others].abs().max() == 0
+
+
+def test_scored_audio_is_the_scored_latents_audio_as_a_stream_start():
+    """Packed as a stream start, the view's audio gives latent j of the view (j >= 1) exactly the
+    audio the whole rollout's packing gives that latent."""
+    from livetalk_cli.distill.dmd import scored_audio
+
+    total, scored = 15, 9
+    audio = torch.randn(2, 1 + 4 * (total - 1), 5)
+    view = scored_audio(audio, total, scored, 4)
+    assert view.shape[1] == 1 + 4 * (scored - 1)
+    whole = pack_audio_frames(audio, stream_start=True)
+    part = pack_audio_frames(view, stream_start=True)
+    torch.testing.assert_close(part[:, 1:], whole[:, total - scored + 1:])
+    assert torch.equal(scored_audio(audio, total, total, 4), audio)  # from the start: the whole

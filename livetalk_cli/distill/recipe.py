@@ -152,7 +152,10 @@ class ODEInitStage(LoopConfig):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DMDStage(LoopConfig):
-    num_blocks: int = 4  # blocks per rollout
+    num_blocks: int = 4  # blocks the real and fake scores see and the gradient reaches (the rollout's last)
+    # Long rollouts (> num_blocks): each step's rollout length is drawn from [num_blocks, this] blocks
+    # and runs with the model's inference KV cache (sinks + ring, its RoPE positions); 0 = num_blocks
+    max_rollout_blocks: int = 0
     guidance: float = 6.0  # real score CFG, `uncond + w (cond - uncond)`
     timestep_min: float = 20.0
     timestep_max: float = 980.0
@@ -312,6 +315,8 @@ def _validate(r: Recipe) -> None:
            "trajectories.num_samples must be <= world.train_clips (and world.latent_clips when set)")
     d = r.dmd
     _check(d.num_blocks >= 1, "dmd.num_blocks must be >= 1")
+    _check(d.max_rollout_blocks == 0 or d.max_rollout_blocks >= d.num_blocks,
+           "dmd.max_rollout_blocks must be 0 (rollouts of num_blocks) or >= dmd.num_blocks")
     _check(0 <= d.timestep_min < d.timestep_max <= 1000, "dmd: 0 <= timestep_min < timestep_max <= 1000")
     _check(d.critic_per_gen >= 1 and d.critic_warmup >= 0, "dmd: critic_per_gen >= 1, critic_warmup >= 0")
     _check(0 < d.ema_decay < 1 and d.ema_start >= 0, "dmd: ema_decay in (0, 1), ema_start >= 0")
