@@ -26,6 +26,13 @@ def eval_cmd(
         Path | None,
         typer.Option("--csv", help="Write one CSV row per video here; '-' writes it to stdout instead of the table."),
     ] = None,
+    windows: Annotated[
+        float | None,
+        typer.Option("--windows", metavar="SECONDS",
+                     help="Also score consecutive windows of this many seconds (long streams): lip-sync, offset, "
+                          "identity and flicker per window, in the table (the mean over videos when several) "
+                          "and per video in --json."),
+    ] = None,
 ) -> None:
     """Score talking-head VIDEOS against the audio they carry and a reference image.
 
@@ -37,6 +44,7 @@ def eval_cmd(
     black%, frozen%: frames with mean intensity < 10; consecutive frames differing by < 0.25 on average.
     drift/min: slope of the per-second identity error, in error units per minute; only for videos of
       at least 20 s (shorter: "–" in the table, null in the JSON; the mean is over those that have one).
+    --windows S: the same per consecutive S-second window (a last, shorter one if it holds half a window).
     The table fits the terminal (80 columns when piped, as plain text); --json and --csv keep every digit.
     """
     from livetalk_cli.files import check_output_file, write_text_atomic
@@ -48,7 +56,7 @@ def eval_cmd(
         for path in (json_out, None if to_stdout else csv_out):
             if path is not None:
                 check_output_file(path)  # before the videos are decoded
-        results = evaluate_files(videos, reference, json_out)
+        results = evaluate_files(videos, reference, json_out, windows)
         if csv_out is not None and not to_stdout:
             write_text_atomic(csv_out, eval_csv(results))
     if to_stdout:

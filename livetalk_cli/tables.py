@@ -144,12 +144,42 @@ def eval_block(results: Sequence[dict[str, Any]], mean: dict[str, Any] | None, w
     return block
 
 
+WINDOW_COLUMNS = (Column("window", "left"), Column("lip-sync"), Column("offset"), Column("identity"),
+                  Column("flicker"))
+
+
+def windows_block(results: Sequence[dict[str, Any]], mean: dict[str, Any] | None, width: int) -> Block | None:
+    """`livetalk eval --windows`: a row per window — the video's, or with several videos their mean
+    (the offset's mean then has one decimal) — and the worst window of any video; None without windows."""
+    several = mean is not None and "windows" in mean
+    rows_in = mean["windows"] if several else results[0].get("windows") if len(results) == 1 else None
+    if not rows_in:
+        return None
+    rows = []
+    for w in rows_in:
+        offset = f"{w['lip_sync_offset']:+.1f}" if several else f"{w['lip_sync_offset']:+d}"
+        rows.append(Row([f"{w['start_s']:g}-{w['start_s'] + w['seconds']:g} s", f"{w['lip_sync_corr']:.3f}", offset,
+                         f"{w['identity_error']:.4f}", f"{w['flicker']:.2f}"]))
+    title = "per window, mean over the videos" if several else "per window"
+    block = table_block(WINDOW_COLUMNS, rows, width, title=title)
+    worst = min(((w["lip_sync_corr"], Path(r["video"]).name, w["start_s"]) for r in results
+                 for w in r.get("windows", [])), default=None)
+    if worst is not None and several:
+        for t in wrap(f"lowest window lip-sync: {worst[0]:.3f} ({worst[1]}, from {worst[2]:g} s)", width):
+            block.add(t, "dim")
+    return block
+
+
 def print_eval(
     results: Sequence[dict[str, Any]], mean: dict[str, Any] | None = None, console: Console | None = None
 ) -> None:
-    """Print `eval_block` on `console` (default: stdout), for its width."""
+    """Print `eval_block` on `console` (default: stdout), for its width, then `windows_block`."""
     console = console or Console()
     eval_block(results, mean, console.width).print(console)
+    win = windows_block(results, mean, console.width)
+    if win is not None:
+        console.print()
+        win.print(console)
 
 
 def eval_csv(results: Sequence[dict[str, Any]]) -> str:

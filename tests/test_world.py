@@ -43,7 +43,9 @@ from livetalk_cli.world.metrics import (
     measure_mouth_open,
     pearson,
     temporal_stability,
+    window_spans,
     windowed_identity_error,
+    windowed_metrics,
 )
 from livetalk_cli.world.speech import synth_speech
 
@@ -321,6 +323,50 @@ def test_eval_command(tmp_path: Path) -> None:
     assert "reference image not found" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_window_spans() -> None:
+    assert window_spans(960, 16, 10) == [(0, 160), (160, 320), (320, 480), (480, 640), (640, 800), (800, 960)]
+    assert window_spans(961, 16, 10)[-1] == (800, 960)  # one frame over: not a window of its own
+    assert window_spans(400, 16, 10) == [(0, 160), (160, 320), (320, 400)]  # 5 s left: half a window
+    assert window_spans(100, 16, 10) == [(0, 100)]
+    with pytest.raises(ValueError):
+        window_spans(100, 16, 0)
+
+
+def test_windowed_lip_sync_stays_valid_over_a_long_true_stream_and_finds_a_local_lag() -> None:
+    """30 s of ground truth: every 10-s window in sync at offset 0. Then the video of the middle
+    window only is delayed by 2 frames (each frame shows the mouth of 2 frames earlier): that
+    window, and only that one, reports offset +2 (positive: the video lags)."""
+    clip = make_clip(7, 480, CFG)
+    good = windowed_metrics(clip.frames, clip.audio, SR, FPS, clip.reference, 10)
+    assert [w["start_s"] for w in good] == [0.0, 10.0, 20.0]
+    assert all(w["lip_sync_corr"] > 0.8 and w["lip_sync_offset"] == 0 for w in good), good
+    assert all(w["identity_error"] < 0.05 and 0 < w["flicker"] < 10 for w in good)
+    lagged = clip.frames.copy()
+    lagged[162:320] = clip.frames[160:318]
+    got = windowed_metrics(lagged, clip.audio, SR, FPS, clip.reference, 10)
+    assert [w["lip_sync_offset"] for w in got] == [0, 2, 0], got
+
+
+def test_eval_windows(tmp_path: Path) -> None:
+    c = make_clip(8, 25 * FPS, CFG)
+    video = _write_mp4(tmp_path / "long.mp4", c.frames, c.audio)
+    Image.fromarray(c.reference).save(tmp_path / "long.ref.png")
+    out = tmp_path / "w.json"
+    res = runner.invoke(app, ["eval", str(video), "--windows", "10", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    wins = doc["videos"][0]["windows"]
+    assert [(w["start_s"], w["seconds"]) for w in wins] == [(0.0, 10.0), (10.0, 10.0), (20.0, 5.0)]
+    assert all(w["lip_sync_corr"] > 0.7 and abs(w["lip_sync_offset"]) <= 1 for w in wins), wins
+    assert "per window" in res.stdout and "20-25 s" in res.stdout
+    res = runner.invoke(app, ["eval", str(video), str(video), "--windows", "10", "--json", str(out)])
+    mean = json.loads(out.read_text())["mean"]["windows"]
+    assert [w["videos"] for w in mean] == [2, 2, 2] and mean[0]["lip_sync_corr"] == wins[0]["lip_sync_corr"]
+    assert "mean over the videos" in res.stdout and "lowest window lip-sync" in res.stdout
+    res = runner.invoke(app, ["eval", str(video), "--windows", "0"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "--windows" in res.output
 
 
 # ------------------------------------------------------------------------------------------ tables

@@ -12,6 +12,7 @@ Every function accepts (T, H, W, 3) uint8 frames of any size; long videos are pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -250,20 +251,55 @@ def windowed_identity_error(identity_errors: np.ndarray, fps: float, window_s: f
     return [float(e[i: i + step].mean()) for i in range(0, e.size, step)]
 
 
+def window_spans(num_frames: int, fps: float, window_s: float) -> list[tuple[int, int]]:
+    """Consecutive windows [start, end) of round(window_s * fps) frames; a remainder of at least
+    half a window is a last, shorter window (a shorter one is left out: too few frames to score)."""
+    if window_s <= 0:
+        raise ValueError(f"window_s must be > 0, got {window_s}")
+    step = max(1, int(round(window_s * fps)))
+    spans = [(a, a + step) for a in range(0, num_frames - step + 1, step)]
+    rest = spans[-1][1] if spans else 0
+    if num_frames - rest >= max(1, step // 2):
+        spans.append((rest, num_frames))
+    return spans
+
+
+def windowed_metrics(frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: float, reference: np.ndarray,
+                     window_s: float, identity: np.ndarray | None = None) -> list[dict[str, float | int]]:
+    """Lip-sync (correlation and best offset, each window scored on its own frames and audio),
+    identity error and flicker per consecutive window of `window_s` seconds (`window_spans`).
+    `identity`: the per-frame identity errors, if already computed."""
+    _check_frames(frames)
+    ident = identity_error(frames, reference) if identity is None else np.asarray(identity)
+    out: list[dict[str, float | int]] = []
+    for a, b in window_spans(frames.shape[0], fps, window_s):
+        lo, hi = int(round(a * sample_rate / fps)), int(round(b * sample_rate / fps))
+        sync = lip_sync(frames[a:b], np.asarray(audio)[lo:hi], sample_rate, fps)
+        out.append({
+            "start_s": a / fps, "seconds": (b - a) / fps,
+            "lip_sync_corr": sync.correlation, "lip_sync_offset": int(sync.offset),
+            "identity_error": float(ident[a:b].mean()),
+            "flicker": temporal_stability(frames[a:b]).flicker,
+        })
+    return out
+
+
 # ----------------------------------------------------------------------------------------- report
 
 
 def evaluate_video(
-    frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: float, reference: np.ndarray
-) -> dict[str, float | int | list[float] | None]:
+    frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: float, reference: np.ndarray,
+    window_s: float | None = None,
+) -> dict[str, Any]:
     """All metrics for one video as JSON-serialisable plain numbers. 'drift_per_min' is None for
     videos under DRIFT_MIN_S seconds; 'drift_window_s' is the span it is (or would be) fitted
-    over (whole seconds) and 'drift_min_s' the minimum."""
+    over (whole seconds) and 'drift_min_s' the minimum. With `window_s`, 'windows' holds
+    `windowed_metrics` of consecutive windows of that many seconds."""
     _check_frames(frames)
     sync = lip_sync(frames, audio, sample_rate, fps)
     ident = identity_error(frames, reference)
     stab = temporal_stability(frames)
-    return {
+    result: dict[str, Any] = {
         "frames": int(frames.shape[0]),
         "seconds": float(frames.shape[0] / fps),
         "lip_sync_corr": sync.correlation,
@@ -278,6 +314,9 @@ def evaluate_video(
         "drift_window_s": float(per_second(ident, fps).size),
         "drift_min_s": float(DRIFT_MIN_S),
     }
+    if window_s is not None:
+        result["windows"] = windowed_metrics(frames, audio, sample_rate, fps, reference, window_s, ident)
+    return result
 
 
 def _check_frames(frames: np.ndarray) -> None:
