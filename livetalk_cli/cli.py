@@ -199,10 +199,13 @@ def distill(
                           "write report.md + report.json to this folder."),
     ] = None,
     report_clips: Annotated[int, typer.Option(help="Held-out clips in the report.")] = 64,
-    report_stream_s: Annotated[float, typer.Option(help="Length of the sinks/no-sinks streams (0 = skip).")] = 60.0,
-    report_identities: Annotated[
-        int, typer.Option(help="Held-out identities streamed with and without sinks (the paired test's n).")
-    ] = 24,
+    report_stream_s: Annotated[
+        float, typer.Option(help="Length of the long streams scored per 10-s window (0 = skip).")] = 60.0,
+    report_identities: Annotated[int, typer.Option(help="Held-out identities of the long streams.")] = 16,
+    report_sink_s: Annotated[
+        float, typer.Option(help="Length of the sinks/no-sinks streams (0 = skip).")] = 300.0,
+    report_sink_identities: Annotated[
+        int, typer.Option(help="Held-out identities streamed with and without sinks (the paired test's n).")] = 8,
 ) -> None:
     """Distil a many-step bidirectional teacher into a causal 4-step student (run a RECIPE's stages).
 
@@ -232,7 +235,8 @@ def distill(
                 from livetalk_cli.distill.report import build_report
 
                 build_report(ctx, report, clips=report_clips, stream_seconds=report_stream_s,
-                             identities=report_identities)
+                             identities=report_identities, sink_seconds=report_sink_s,
+                             sink_identities=report_sink_identities)
         if ctx.ranks.main:
             err.print(f"distill: finished {stage or ', '.join(r.stages)} in {r.out}", highlight=False)
             if report is not None:

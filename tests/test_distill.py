@@ -410,24 +410,32 @@ def test_report_on_a_run(tiny_run, tmp_path):
 
     recipe_path, out = tiny_run
     ctx = StageContext(load_recipe(recipe_path, out=out), Ranks(0, 1, torch.device("cpu")))
-    rep = build_report(ctx, tmp_path / "report", clips=2, stream_seconds=2.0, identities=1, speed_seconds=1.0,
-                       vae_stream_frames=17)
+    rep = build_report(ctx, tmp_path / "report", clips=2, stream_seconds=3.0, identities=2, sink_seconds=2.0,
+                       sink_identities=2, speed_seconds=1.0, vae_stream_frames=17)
     assert set(rep["models"]) == {"ground_truth", "vae_roundtrip", "teacher", "ode_init", "dmd"}
     assert rep["models"]["ground_truth"]["lip_sync_corr"]["mean"] > 0.5  # the world's own clips
     assert rep["models"]["ground_truth"]["lip_sync_corr"]["n"] == 2
     fl = rep["flops"]
     assert fl["teacher_dit_per_frame"] > 0 and fl["student_dit_per_frame"] > 0 and fl["vae_decode_per_frame"] > 0
     assert set(rep["sinks"]["variants"]) == {"with_sinks", "no_sinks"} and rep["render_speed"]["realtime_factor"] > 0
+    long = rep["long_streams"]["rows"]
+    assert set(long) == {"ground_truth", "vae_roundtrip", "ode_init", "dmd"}
+    gt = long["ground_truth"]["windows"]
+    assert len(gt) == 1 and gt[0]["lip_sync_corr"]["n"] == 2 and gt[0]["lip_sync_corr"]["mean"] > 0.5
+    assert gt[0]["offset_within_1"] == 1.0 and len(gt[0]["offsets"]) == 2
+    t = rep["targets"]
+    assert t["long_min_window_lipsync"] == long["dmd"]["windows"][0]["lip_sync_corr"]["mean"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Long streams" in text and "Identity sinks over" in text and "0-3.06 s" in text
     sinks = rep["sinks"]["variants"]
-    gain = sinks["no_sinks"]["per_identity"][0] - sinks["with_sinks"]["per_identity"][0]
-    assert rep["sinks"]["paired_gain"]["mean"] == pytest.approx(gain) and rep["sinks"]["paired_gain"]["n"] == 1
-    floor = rep["sinks"]["vae_floor"]
-    assert floor["frames"] == 29 and floor["identity_error"]["n"] == 1  # 2 s at 16 fps → 32 frames → 7 latents
-    assert 0 < floor["identity_error"]["mean"] < sinks["with_sinks"]["identity_error"]["mean"] + 0.5
+    per = {v: sinks[v]["per_identity"]["identity_error"] for v in sinks}
+    gains = [per["no_sinks"][i] - per["with_sinks"][i] for i in range(2)]
+    got = rep["sinks"]["paired_gain"]["identity_error"]
+    assert got["mean"] == pytest.approx(sum(gains) / 2) and got["n"] == 2
     for name in ("anchored", "plain"):
         vs = rep["vae_stream"][name]
         assert vs["frames"] == 17 and 0 < vs["first_s"] < 255 and 0 < vs["last_s"] < 255
     assert rep["vae_stream"]["plain"]["anchor_every"] == 0
     assert json.loads((tmp_path / "report" / "report.json").read_text())["clips"] == 2
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| teacher |" in md and "## Targets" in md and "| VAE stream" in md and "| VAE alone" in md
+    assert "| teacher |" in md and "## Targets" in md and "| VAE stream" in md and "| vae_roundtrip |" in md

@@ -330,6 +330,7 @@ def test_window_spans() -> None:
     assert window_spans(961, 16, 10)[-1] == (800, 960)  # one frame over: not a window of its own
     assert window_spans(400, 16, 10) == [(0, 160), (160, 320), (320, 400)]  # 5 s left: half a window
     assert window_spans(100, 16, 10) == [(0, 100)]
+    assert window_spans(30, 16, 10) == [(0, 30)]  # shorter than a window: one window
     with pytest.raises(ValueError):
         window_spans(100, 16, 0)
 

@@ -22,22 +22,16 @@ Methods (also written into the report):
   first generated frame on the host. Teacher: the whole sampling + decoding the clip; student: the
   `livetalk render` pipeline (`stream_video`), stream start + block 0 + the decode of its first
   chunk.
-* Sinks: 60-s streams of held-out identities with the model's sinks vs the same cache size without
-  sinks; identity error per 10-s window and its drift per minute; the paired gain is the
-  per-identity (no sinks - sinks) identity error, same audio and seeds. Their floor: the same
-  identities' true frames through the VAE alone, chunk-encoded and stream-decoded as render does
-  (what no KV cache can change).
+* Long streams and sinks: `long_streams.py` (minute-long streams per 10-s window for ground truth,
+  the VAE alone and each student; the final student with and without sinks over longer streams).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import platform
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +41,9 @@ import torch
 from livetalk_cli.distill.context import StageContext
 from livetalk_cli.distill.data import clip_audio_features, video_tensor, world_clip
 from livetalk_cli.distill.flow import FlowModel
-from livetalk_cli.distill.vae_stage import roundtrip_frames, stream_decode_error, stream_roundtrip_frames
+from livetalk_cli.distill.long_streams import ci95, long_stream_study, sink_study
+from livetalk_cli.distill.long_streams import markdown as long_markdown
+from livetalk_cli.distill.vae_stage import roundtrip_frames, stream_decode_error
 from livetalk_cli.files import write_text_atomic
 from livetalk_cli.flops import FlopCount
 from livetalk_cli.models.dit import WanDiT
@@ -58,16 +54,6 @@ from livetalk_cli.sampling.teacher import teacher_sample
 from livetalk_cli.world.metrics import evaluate_video
 
 METRICS = ("lip_sync_corr", "lip_sync_offset", "identity_error", "flicker", "black_frames", "frozen_frames")
-
-
-def _drift(d: dict[str, float] | None) -> str:
-    return "-" if d is None else f"{d['mean']:+.4f}"
-
-
-def ci95(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, np.float64)
-    half = 1.96 * a.std(ddof=1) / math.sqrt(a.size) if a.size > 1 else float("nan")
-    return {"mean": float(a.mean()), "ci95": float(half), "n": int(a.size)}
 
 
 def stream_frames(model: LoadedModel, reference: np.ndarray, prompt: str, audio: np.ndarray, num_frames: int,
@@ -106,6 +92,10 @@ def teacher_frames(model: LoadedModel, teacher: WanDiT, clip: Any, num_frames: i
     x0, _ = teacher_sample(teacher, noise, cond, uncond, num_steps=steps, shift=shift, guidance=guidance, ref=ref)
     frames = frames_to_uint8(model.vae.decode(x0))
     return frames[:num_frames], time.perf_counter() - t0
+
+
+def _frames_only(*args: Any) -> np.ndarray:
+    return stream_frames(*args)[0]
 
 
 def dit_flops(fn: Any) -> int:
@@ -152,62 +142,6 @@ def flops_per_frame(model: LoadedModel, teacher: WanDiT, clip_frames: int, steps
     }
 
 
-def sink_study(model: LoadedModel, ctx: StageContext, seconds: float, identities: int) -> dict[str, Any]:
-    cfg = model.cfg
-    n = int(seconds * cfg.fps)
-    variants = {
-        "with_sinks": cfg.stream,
-        "no_sinks": dataclasses.replace(cfg.stream, sink_frames=0,
-                                        window_frames=cfg.stream.sink_frames + cfg.stream.window_frames),
-    }
-    out: dict[str, Any] = {}
-    for name, stream_cfg in variants.items():
-        m = dataclasses.replace(model, cfg=cfg.replace(stream=stream_cfg))
-        out[name] = identity_over_time(
-            ((stream_frames(m, clip.reference, clip.prompt, clip.audio, n, seed=i)[0], clip)
-             for i, clip in enumerate(sink_clips(ctx, cfg, n, identities))), cfg)
-        out[name].update(sink_frames=stream_cfg.sink_frames, window_frames=stream_cfg.window_frames)
-    # Same identities, audio and noise seeds in both variants: the per-identity difference is the
-    # sharper test (its interval excludes 0 when the sinks help beyond identity-to-identity spread).
-    gain = np.asarray(out["no_sinks"]["per_identity"]) - np.asarray(out["with_sinks"]["per_identity"])
-    return {"variants": out, "paired_gain": ci95(gain.tolist()), "vae_floor": vae_floor(model, ctx, n, identities)}
-
-
-def sink_clips(ctx: StageContext, cfg: Any, num_frames: int, identities: int) -> Iterator[Any]:
-    """The sink study's held-out identities (their world clips of `num_frames` frames)."""
-    for i in range(identities):
-        yield world_clip(cfg, ctx.recipe.world.heldout_seed + 900_000 + i, num_frames)
-
-
-def identity_over_time(videos: Iterable[tuple[np.ndarray, Any]], cfg: Any) -> dict[str, Any]:
-    """(frames, world clip) per identity → identity error (per identity, mean with its interval), its
-    drift per minute, and its mean per 10-s window."""
-    windows, drifts, means = [], [], []
-    for frames, clip in videos:
-        res = evaluate_video(frames, clip.audio, cfg.audio.sample_rate, cfg.fps, clip.reference)
-        windows.append(res["identity_error_windows"])
-        drifts.append(res["drift_per_min"])
-        means.append(res["identity_error"])
-    drifts = [d for d in drifts if d is not None]  # None: a stream too short for a drift (metrics.DRIFT_MIN_S)
-    return {"identity_error": ci95(means), "drift_per_min": ci95(drifts) if drifts else None,
-            "identity_error_per_10s": np.mean(np.asarray(windows), axis=0).tolist(), "per_identity": means}
-
-
-def vae_floor(model: LoadedModel, ctx: StageContext, num_frames: int, identities: int) -> dict[str, Any]:
-    """The sink study's floor: the same identities' true frames through the VAE alone, encoded in
-    clip-length chunks and stream-decoded with the model's anchor (`stream_roundtrip_frames`). The
-    identity error and drift the VAE brings are the part that no KV cache (sinks or not) can change."""
-    cfg = model.cfg
-    n = 1 + (num_frames - 1) // cfg.vae.temporal_factor * cfg.vae.temporal_factor  # whole latents
-    sc, clip_frames = cfg.stream, ctx.recipe.world.clip_frames
-    out = identity_over_time(
-        ((stream_roundtrip_frames(model.vae, clip.frames, clip_frames, sc.block_frames, sc.vae_anchor_every,
-                                  sc.vae_anchor_history), clip)
-         for clip in sink_clips(ctx, cfg, n, identities)), cfg)
-    out["frames"] = n
-    return out
-
-
 def render_speed(model: LoadedModel, ctx: StageContext, seconds: float) -> dict[str, float]:
     from PIL import Image
 
@@ -226,7 +160,8 @@ def render_speed(model: LoadedModel, ctx: StageContext, seconds: float) -> dict[
 
 
 def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_seconds: float = 60.0,
-                 identities: int = 24, speed_seconds: float = 10.0, vae_stream_frames: int = 257) -> dict[str, Any]:
+                 identities: int = 16, sink_seconds: float = 300.0, sink_identities: int = 8,
+                 speed_seconds: float = 10.0, vae_stream_frames: int = 257) -> dict[str, Any]:
     """Evaluate every model the run produced; write report.json and report.md under `out_dir`."""
     r = ctx.recipe
     torch.manual_seed(0)
@@ -273,8 +208,12 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
     report["flops"] = flops_per_frame(base, teacher, frames_n, tr.num_steps)
     final = students.get("dmd", base)
     if stream_seconds > 0 and identities > 0:
+        ctx.progress("report: long streams", 0, len(students))
+        report["long_streams"] = long_stream_study(students, ctx, _frames_only, seconds=stream_seconds,
+                                                   identities=identities)
+    if sink_seconds > 0 and sink_identities > 0:
         ctx.progress("report: sinks", 0, 1)
-        report["sinks"] = sink_study(final, ctx, stream_seconds, identities)
+        report["sinks"] = sink_study(final, ctx, _frames_only, seconds=sink_seconds, identities=sink_identities)
     if speed_seconds > 0:
         report["render_speed"] = render_speed(final, ctx, speed_seconds)
     report["targets"] = targets(report)
@@ -303,12 +242,18 @@ def targets(rep: dict[str, Any]) -> dict[str, Any]:
     lat = rep["first_frame_latency_s"]
     student = "dmd" if "dmd" in lat else "ode_init"
     out["first_frame_latency_ratio"] = lat["teacher"]["mean"] / lat[student]["mean"]
+    long = rep.get("long_streams", {}).get("rows", {})
+    student = "dmd" if "dmd" in long else "ode_init" if "ode_init" in long else None
+    if student is not None:
+        wins = long[student]["windows"]
+        out["long_min_window_lipsync"] = min(w["lip_sync_corr"]["mean"] for w in wins)
+        out["long_min_window_offset_within_1"] = min(w["offset_within_1"] for w in wins)
+        drift = long[student]["drift_per_min"]
+        out["long_identity_drift_per_min"] = drift["mean"] if drift else float("nan")
+        out["long_max_window_flicker"] = max(w["flicker"]["mean"] for w in wins)
     if "sinks" in rep:
-        s = rep["sinks"]["variants"]
-        out["no_sinks_over_sinks_identity_error"] = (s["no_sinks"]["identity_error"]["mean"]
-                                                     / s["with_sinks"]["identity_error"]["mean"])
-        g = rep["sinks"]["paired_gain"]
-        out["sinks_paired_gain_ci95_above_0"] = g["mean"] - g["ci95"] > 0
+        g = rep["sinks"]["paired_gain"]["identity_error"]
+        out["sinks_paired_identity_gain_ci95_above_0"] = g["mean"] - g["ci95"] > 0
     return out
 
 
@@ -339,19 +284,7 @@ def markdown(rep: dict[str, Any]) -> str:
               f"| teacher | {fl['teacher_dit_per_frame'] / 1e9:.2f} GFLOP |",
               f"| student | {fl['student_dit_per_frame'] / 1e9:.3f} GFLOP |",
               f"| VAE decode (separate; the anchor's share included) | {fl['vae_decode_per_frame'] / 1e9:.3f} GFLOP |"]
-    if "sinks" in rep:
-        lines += ["", "| 60-s stream | identity error | drift / min | per 10 s |", "|---|---|---|---|"]
-        rows = [(f"{name} (sinks {d['sink_frames']}, window {d['window_frames']})", d)
-                for name, d in rep["sinks"]["variants"].items()]
-        if "vae_floor" in rep["sinks"]:
-            rows.append(("VAE alone (the same true frames, chunk-encoded, stream-decoded)", rep["sinks"]["vae_floor"]))
-        for label, d in rows:
-            per = ", ".join(f"{v:.3f}" for v in d["identity_error_per_10s"])
-            lines.append(f"| {label} | {d['identity_error']['mean']:.4f} ± {d['identity_error']['ci95']:.4f} | "
-                         f"{_drift(d['drift_per_min'])} | {per} |")
-        g = rep["sinks"]["paired_gain"]
-        lines += ["", f"Paired gain of the sinks (no-sinks minus sinks identity error, per identity, same audio "
-                  f"and seeds; n = {g['n']}): {g['mean']:+.4f} ± {g['ci95']:.4f}."]
+    lines += long_markdown(rep.get("long_streams"), rep.get("sinks"))
     if "render_speed" in rep:
         rs = rep["render_speed"]
         lines += ["", f"Render speed: {rs['audio_s']:.1f} s of audio in {rs['wall_s']:.2f} s = "

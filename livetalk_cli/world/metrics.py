@@ -253,13 +253,14 @@ def windowed_identity_error(identity_errors: np.ndarray, fps: float, window_s: f
 
 def window_spans(num_frames: int, fps: float, window_s: float) -> list[tuple[int, int]]:
     """Consecutive windows [start, end) of round(window_s * fps) frames; a remainder of at least
-    half a window is a last, shorter window (a shorter one is left out: too few frames to score)."""
+    half a window is a last, shorter window (a shorter one is left out: too few frames to score).
+    A video shorter than one window is one window."""
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")
     step = max(1, int(round(window_s * fps)))
     spans = [(a, a + step) for a in range(0, num_frames - step + 1, step)]
     rest = spans[-1][1] if spans else 0
-    if num_frames - rest >= max(1, step // 2):
+    if num_frames - rest >= max(1, step // 2) or (not spans and num_frames > 0):
         spans.append((rest, num_frames))
     return spans
 
