@@ -419,7 +419,7 @@ def test_report_on_a_run(tiny_run, tmp_path):
     assert fl["teacher_dit_per_frame"] > 0 and fl["student_dit_per_frame"] > 0 and fl["vae_decode_per_frame"] > 0
     assert set(rep["sinks"]["variants"]) == {"with_sinks", "no_sinks"} and rep["render_speed"]["realtime_factor"] > 0
     long = rep["long_streams"]["rows"]
-    assert set(long) == {"ground_truth", "vae_roundtrip", "ode_init", "dmd"}
+    assert set(long) == {"ground_truth", "vae_roundtrip", "dmd"}  # the final student
     gt = long["ground_truth"]["windows"]
     assert len(gt) == 1 and gt[0]["lip_sync_corr"]["n"] == 2 and gt[0]["lip_sync_corr"]["mean"] > 0.5
     assert gt[0]["offset_within_1"] == 1.0 and len(gt[0]["offsets"]) == 2

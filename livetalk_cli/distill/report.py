@@ -208,8 +208,9 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
     report["flops"] = flops_per_frame(base, teacher, frames_n, tr.num_steps)
     final = students.get("dmd", base)
     if stream_seconds > 0 and identities > 0:
-        ctx.progress("report: long streams", 0, len(students))
-        report["long_streams"] = long_stream_study(students, ctx, _frames_only, seconds=stream_seconds,
+        ctx.progress("report: long streams", 0, 1)
+        name = "dmd" if "dmd" in students else "ode_init"
+        report["long_streams"] = long_stream_study({name: final}, ctx, _frames_only, seconds=stream_seconds,
                                                    identities=identities)
     if sink_seconds > 0 and sink_identities > 0:
         ctx.progress("report: sinks", 0, 1)
