@@ -5,7 +5,11 @@ Iteration `step`:
    as at inference. One exit step k in {0..K-1}, drawn from the step's shared seed (so every rank
    and every block uses the same k), ends each block: steps before k run without gradient, step k
    runs with gradient and its x0 is the block's output; the t = 0 cache refill runs without
-   gradient, so no gradient crosses blocks.
+   gradient, so no gradient crosses blocks. Long rollouts (`max_rollout_blocks`): the step's
+   length is drawn from [num_blocks, max_rollout_blocks], the cache is the model's inference cache
+   (sinks + a ring that wraps), the blocks before the last `num_blocks` run without gradient, and
+   the scores below see those last blocks as a stream-start clip (first latent := the reference,
+   audio from the frame before: `scored_audio`).
 2. Generator update (after `critic_warmup` critic-only steps, then every `critic_per_gen`-th
    step): t ~ U[0, 1) shifted by `timestep_shift`, x 1000, clamped to [timestep_min, timestep_max],
    one t per sample shared by its frames; x_t = (1 - s) x + s eps; real_x0 from the frozen teacher
