@@ -206,7 +206,7 @@ def test_real_size_presets_sample_as_livetalk(name):
     stream = preset(name).stream
     assert {k: v for k, v in asdict(stream).items() if not k.startswith("vae_")} == {
         "block_frames": 3, "num_steps": 4, "shift": 5.0, "sink_frames": 9, "window_frames": 3,
-        "relative_rope": False}
+        "relative_rope": False, "settled_first_frame": False}  # frame 0: the VAE's own one-frame decode
     cfg = tiny_cfg()
     cache = BlockKVCache(cfg.dit, stream, (1, 1))
     for _ in range(7):  # blocks 0-2 fill the sinks, 3 the ring; 4, 5, 6 evict
