@@ -162,9 +162,9 @@ def windows_block(results: Sequence[dict[str, Any]], mean: dict[str, Any] | None
                          f"{w['identity_error']:.4f}", f"{w['flicker']:.2f}"]))
     title = "per window, mean over the videos" if several else "per window"
     block = table_block(WINDOW_COLUMNS, rows, width, title=title)
-    worst = min(((w["lip_sync_corr"], Path(r["video"]).name, w["start_s"]) for r in results
-                 for w in r.get("windows", [])), default=None)
-    if worst is not None and several:
+    if several:
+        worst = min((w["lip_sync_corr"], Path(r["video"]).name, w["start_s"]) for r in results
+                    for w in r.get("windows", []))
         for t in wrap(f"lowest window lip-sync: {worst[0]:.3f} ({worst[1]}, from {worst[2]:g} s)", width):
             block.add(t, "dim")
     return block

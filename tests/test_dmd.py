@@ -17,18 +17,20 @@ from tests.helpers import tiny_cfg, tiny_dit
 NB = 2  # blocks per rollout
 
 
-def _setup(seed: int = 0):
-    cfg = tiny_cfg(sink_frames=0, window_frames=3 * (NB - 1))
+def _setup(seed: int = 0, blocks: int = NB, refs: int = 1, **stream):
+    """A tiny DiT and a batch of 2 rollout inputs over `blocks` blocks; the stream keeps every
+    earlier block (no sinks) unless `stream` says otherwise; `refs` still-reference latents."""
+    cfg = tiny_cfg(**(stream or {"sink_frames": 0, "window_frames": 3 * (blocks - 1)}))
     dit = tiny_dit(cfg, seed)
     torch.manual_seed(seed + 1)
     bf, k = cfg.stream.block_frames, cfg.stream.num_steps
-    f = NB * bf
+    f = blocks * bf
     h, w = cfg.latent_hw
     c = cfg.dit.out_dim
     noise = torch.randn(k, 2, c, f, h, w)
     context = torch.randn(2, cfg.dit.text_len, cfg.dit.text_dim)
     audio = torch.randn(2, 1 + 4 * (f - 1), cfg.dit.audio_dim)
-    ref = torch.randn(2, c, 1, h, w)
+    ref = torch.randn(2, c, refs, h, w)
     return cfg, dit, noise, context, audio, ref
 
 
@@ -144,21 +146,10 @@ def test_grad_checkpointing_leaves_kv_cache_passes_alone(monkeypatch):
     assert calls[0] == before  # backward recomputed nothing
 
 
-def _long_setup(blocks: int, refs: int = 4):
+def _long_setup(blocks: int):
     """A stream with sinks and a ring that wraps within `blocks` blocks, relative positions (the
-    demo's layout), and `refs` still-reference latents."""
-    cfg = tiny_cfg(sink_frames=3, window_frames=3, relative_rope=True)
-    dit = tiny_dit(cfg, 3)
-    torch.manual_seed(4)
-    bf, k = cfg.stream.block_frames, cfg.stream.num_steps
-    f = blocks * bf
-    h, w = cfg.latent_hw
-    c = cfg.dit.out_dim
-    noise = torch.randn(k, 2, c, f, h, w)
-    context = torch.randn(2, cfg.dit.text_len, cfg.dit.text_dim)
-    audio = torch.randn(2, 1 + 4 * (f - 1), cfg.dit.audio_dim)
-    ref = torch.randn(2, c, refs, h, w)
-    return cfg, dit, noise, context, audio, ref
+    demo's layout), and 4 still-reference latents."""
+    return _setup(3, blocks, 4, sink_frames=3, window_frames=3, relative_rope=True)
 
 
 @torch.no_grad()

@@ -179,9 +179,8 @@ def run_dmd_stage(ctx: StageContext) -> None:
                 more = max(0, math.ceil((1 + tf * (n - 1) - clip_audio) / clip_audio))
                 extra.append(torch.randint(len(data), (more,), generator=g))
         x0, audio, prompts = data.batch(clips, ctx.device)
-        if extra and extra[0].numel():
-            audio = torch.cat([audio, *(data.audio[torch.stack(extra)[:, j]].float().to(ctx.device)
-                                        for j in range(extra[0].numel()))], dim=1)
+        if extra and extra[0].numel():  # (B, more, T, A) → after the clip's own T frames
+            audio = torch.cat([audio, data.audio[torch.stack(extra)].flatten(1, 2).float().to(ctx.device)], dim=1)
         with torch.no_grad():
             context = text(prompts)
         audio = audio[:, : 1 + tf * (n - 1)]
