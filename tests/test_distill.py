@@ -132,6 +132,17 @@ def test_decoder_loss_trains_the_decoder_only():
     assert parts0["mouth"] == pytest.approx(float((mouth_map(recon) - mouth_map(video)).abs().mean() * 100), rel=1e-5)
     # the mouth weighting moves the pixel loss toward the mouth's error
     assert parts["l1"] != pytest.approx(parts0["l1"], rel=1e-3)
+    # the temporal term: frame-to-frame change of the output that the target does not have
+    with_t, parts_t = decoder_loss(model, video, eps, mouth_weight=0.0, mouth_map_weight=0.0, dilate=2,
+                                   temporal_weight=2.0)
+    want = ((recon[:, :, 1:] - recon[:, :, :-1]) - (video[:, :, 1:] - video[:, :, :-1])).abs().mean()
+    assert parts_t["temporal"] == pytest.approx(float(want), rel=1e-5)
+    assert float(with_t) == pytest.approx(float(plain) + 2.0 * float(want), rel=1e-5)
+    still = video[:, :, :1].expand_as(video).contiguous()  # a still target: every output change counts
+    _, parts_s = decoder_loss(model, still, eps, mouth_weight=0.0, mouth_map_weight=0.0, dilate=2,
+                              temporal_weight=1.0)
+    out = model(still, eps)[0].detach()
+    assert parts_s["temporal"] == pytest.approx(float((out[:, :, 1:] - out[:, :, :-1]).abs().mean()), rel=1e-5)
 
 
 def test_latent_set_gains_reference_latents_in_place(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,40 @@ def test_vae_stream_anchor_cross_fades_from_the_continuation(vae: WanVAE) -> Non
     torch.testing.assert_close(torch.cat(got[:2], dim=2), plain[:, :, :21], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[2], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[3], anchored[:, :, 12:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_vae_stream_anchor_without_history_restarts_each_block_after_the_reference(vae: WanVAE) -> None:
+    """The demo's setting (anchor every block, history 0, a one-block fade): block k >= 1 is the
+    decode of [reference latent, block k] cross-faded from the continuation of [reference latent,
+    block k-1, block k]; the report's VAE-alone stream (`stream_roundtrip_frames`) decodes the same."""
+    from livetalk_cli.distill.data import video_tensor
+    from livetalk_cli.distill.vae_stage import encode_chunked, stream_roundtrip_frames
+    from livetalk_cli.runtime.stream import frames_to_uint8
+    from livetalk_cli.runtime.vae_stream import VAEStream
+
+    z = _latents(9, seed=6)
+    stream = VAEStream(vae, anchor_every=1, history=0, fade_latents=3)
+    got = []
+    for block in z.split(3, dim=2):
+        stream.begin_block()
+        got.append(stream.decode(block))
+    w = torch.arange(1, 13, dtype=torch.float32).view(1, 1, 12, 1, 1) / 13
+    ref = z[:, :, :1]
+    torch.testing.assert_close(got[0], vae.decode(z[:, :, :3]), atol=1e-5, rtol=1e-5)
+    for k in (1, 2):
+        blk, prev = z[:, :, 3 * k: 3 * k + 3], z[:, :, 3 * k - 3: 3 * k] if k > 1 else z[:, :, 1:3]
+        cont = vae.decode(torch.cat([ref, prev, blk], dim=2))[:, :, -12:]
+        anchored = vae.decode(torch.cat([ref, blk], dim=2))[:, :, -12:]
+        torch.testing.assert_close(got[k], cont * (1 - w) + anchored * w, atol=1e-5, rtol=1e-5)
+    frames = frames_to_uint8(vae.decode(z))  # (T, H, W, 3) uint8, T = 33
+    zz = encode_chunked(vae, video_tensor(frames)[None], 33)
+    again = VAEStream(vae, anchor_every=1, history=0, fade_latents=3)
+    want = []
+    for block in zz.split(3, dim=2):
+        again.begin_block()
+        want.append(frames_to_uint8(again.decode(block)))
+    assert (stream_roundtrip_frames(vae, frames, 33, 3, 1, 0, 3) == np.concatenate(want)).all()
 
 
 @torch.no_grad()

@@ -85,7 +85,8 @@ def long_stream_study(models: dict[str, LoadedModel], ctx: StageContext, stream:
         "ground_truth": score(((c.frames, c) for c in clips), cfg, window_s),
         "vae_roundtrip": score(((stream_roundtrip_frames(base.vae, c.frames, ctx.recipe.world.clip_frames,
                                                          sc.block_frames, sc.vae_anchor_every,
-                                                         sc.vae_anchor_history), c) for c in clips), cfg, window_s),
+                                                         sc.vae_anchor_history, sc.vae_anchor_fade), c)
+                               for c in clips), cfg, window_s),
     }
     for name, model in models.items():
         rows[name] = score(((stream(model, c.reference, c.prompt, c.audio, n, i), c) for i, c in enumerate(clips)),

@@ -106,12 +106,17 @@ class DecoderStage(LoopConfig):
     every pixel's L1 + MSE weighs 1 + `mouth_weight` x the target's mouth mask (the soft
     mouth-interior map, dilated by `mouth_dilate` pixels to take in the lips), and
     `mouth_map_weight` x the mean |map(output) - map(target)| in percent of the frame (world only).
-    `eval_clips` held-out clips measure the round-trip lip-sync before and after."""
+    `eval_clips` held-out clips measure the round-trip lip-sync before and after. From step
+    `temporal_from`, `temporal_weight` x the mean |(output[t] - output[t-1]) - (target[t] -
+    target[t-1])| (weighted as the pixel loss): frame-to-frame change the target does not have is
+    flicker."""
 
     clip_frames: int = 17
     mouth_weight: float = 20.0
     mouth_map_weight: float = 1.0
     mouth_dilate: int = 2
+    temporal_weight: float = 0.0
+    temporal_from: int = 0
     eval_clips: int = 12
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
 
@@ -290,8 +295,10 @@ def _validate(r: Recipe) -> None:
         _check(frames >= 1 + tf and (frames - 1) % tf == 0, f"{where} must be 1 + {tf}k frames (k >= 1)")
     _check(r.vae.long_clip_from >= 0, "vae.long_clip_from must be >= 0")
     d = r.decoder
-    _check(d.mouth_weight >= 0 and d.mouth_map_weight >= 0 and d.mouth_dilate >= 0 and d.eval_clips >= 0,
-           "decoder: mouth_weight, mouth_map_weight, mouth_dilate, eval_clips must be >= 0")
+    _check(min(d.mouth_weight, d.mouth_map_weight, d.mouth_dilate, d.eval_clips, d.temporal_weight,
+               d.temporal_from) >= 0,
+           "decoder: mouth_weight, mouth_map_weight, mouth_dilate, eval_clips, temporal_weight, temporal_from "
+           "must be >= 0")
     latents = 1 + (r.world.clip_frames - 1) // tf
     bf = r.model.stream.block_frames
     _check(latents % bf == 0, f"world.clip_frames gives {latents} latent frames, not a multiple of block "

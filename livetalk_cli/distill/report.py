@@ -201,7 +201,7 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
     sc = cfg.stream
     report["vae_stream"] = {
         "anchored": stream_decode_error(base.vae, ctx, 4, vae_stream_frames, sc.vae_anchor_every,
-                                        sc.vae_anchor_history),
+                                        sc.vae_anchor_history, sc.vae_anchor_fade),
         "plain": stream_decode_error(base.vae, ctx, 4, vae_stream_frames),
     } if vae_stream_frames else {}
     ctx.progress("report: flops", 0, 1)
@@ -276,8 +276,8 @@ def markdown(rep: dict[str, Any]) -> str:
     if rep.get("vae_stream"):
         lines += ["", "| VAE stream (0..255 error) | first second | last second | all |", "|---|---|---|---|"]
         for name, d in rep["vae_stream"].items():
-            how = (f"anchor every {d['anchor_every']} blocks, history {d['history']}" if d["anchor_every"]
-                   else "no anchor")
+            how = (f"anchor every {d['anchor_every']} blocks, history {d['history']}, fade {d.get('fade', 0)}"
+                   if d["anchor_every"] else "no anchor")
             lines.append(f"| {name} ({how}; {d['clips']} streams of {d['frames']} frames) | {d['first_s']:.1f} | "
                          f"{d['last_s']:.1f} | {d['all']:.1f} |")
     fl = rep["flops"]

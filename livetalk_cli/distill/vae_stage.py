@@ -152,8 +152,9 @@ def build_latent_set(ctx: StageContext) -> None:
 
 
 def decoder_loss(model: nn.Module, video: Tensor, eps: Tensor, mouth_weight: float, mouth_map_weight: float,
-                 dilate: int) -> tuple[Tensor, dict[str, float]]:
-    """Mouth-weighted L1 + MSE (weights normalised to mean 1) + the mouth-map term."""
+                 dilate: int, temporal_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """Mouth-weighted L1 + MSE (weights normalised to mean 1) + the mouth-map term + the temporal
+    term: the same weights on |(recon[t] - recon[t-1]) - (video[t] - video[t-1])|."""
     recon = model(video, eps)[0]
     target_map = mouth_map(video)
     with torch.no_grad():
@@ -166,7 +167,12 @@ def decoder_loss(model: nn.Module, video: Tensor, eps: Tensor, mouth_weight: flo
     l1 = ((recon - video).abs() * weight).mean()
     mse = ((recon - video).square() * weight).mean()
     mouth = (mouth_map(recon) - target_map).abs().mean() * 100.0
-    return l1 + mse + mouth_map_weight * mouth, {"l1": l1.item(), "mse": mse.item(), "mouth": mouth.item()}
+    loss, parts = l1 + mse + mouth_map_weight * mouth, {"l1": l1.item(), "mse": mse.item(), "mouth": mouth.item()}
+    if temporal_weight:
+        change = (recon[:, :, 1:] - recon[:, :, :-1]) - (video[:, :, 1:] - video[:, :, :-1])
+        temporal = (change.abs() * (weight[:, :, 1:] + weight[:, :, :-1]) / 2).mean()
+        loss, parts["temporal"] = loss + temporal_weight * temporal, temporal.item()
+    return loss, parts
 
 
 @torch.no_grad()
@@ -201,14 +207,14 @@ def encode_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> Tensor:
 
 @torch.no_grad()
 def stream_roundtrip_frames(vae: WanVAE, frames: np.ndarray, chunk_frames: int, block_frames: int,
-                            anchor_every: int = 0, history: int = 2) -> np.ndarray:
+                            anchor_every: int = 0, history: int = 2, fade: int = 0) -> np.ndarray:
     """uint8 (T, H, W, 3), T = 1 + 4k → the frames as a stream shows their true latents: encoded in
     `chunk_frames` chunks (`encode_chunked`, the latents the DiT learns) and decoded `block_frames`
     latents at a time by `VAEStream`, as `livetalk render` decodes (re-anchored every `anchor_every`
-    blocks)."""
+    blocks with `history` latents replayed, each anchor cross-faded over `fade` latents)."""
     device = next(vae.parameters()).device
     z = encode_chunked(vae, video_tensor(frames)[None].to(device), chunk_frames)
-    stream = VAEStream(vae, anchor_every, history)
+    stream = VAEStream(vae, anchor_every, history, fade_latents=fade)
     parts = []
     for s in range(0, z.shape[2], block_frames):
         stream.begin_block()
@@ -217,7 +223,7 @@ def stream_roundtrip_frames(vae: WanVAE, frames: np.ndarray, chunk_frames: int, 
 
 
 def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_frames: int, anchor_every: int = 0,
-                        history: int = 2) -> dict[str, float]:
+                        history: int = 2, fade: int = 0) -> dict[str, float]:
     """Mean |decoded - true| (0..255) of held-out world streams of `num_frames` frames, encoded in
     world-length chunks (`encode_chunked`) and decoded block by block as `livetalk render` does
     (`VAEStream`, re-anchored every `anchor_every` blocks): over the first second, the last second
@@ -228,11 +234,11 @@ def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_fram
     for k in range(num_clips):
         clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 700_000 + k, num_frames)
         out = stream_roundtrip_frames(vae, clip.frames, ctx.recipe.world.clip_frames, cfg.stream.block_frames,
-                                      anchor_every, history)
+                                      anchor_every, history, fade)
         errs.append(np.abs(out.astype(np.int16) - clip.frames.astype(np.int16)).mean(axis=(1, 2, 3)))
     e = np.mean(errs, axis=0)
     return {"first_s": float(e[1: 1 + fps].mean()), "last_s": float(e[-fps:].mean()), "all": float(e.mean()),
-            "frames": num_frames, "clips": num_clips, "anchor_every": anchor_every, "history": history}
+            "frames": num_frames, "clips": num_clips, "anchor_every": anchor_every, "history": history, "fade": fade}
 
 
 def run_decoder_stage(ctx: StageContext) -> None:
@@ -261,7 +267,8 @@ def run_decoder_stage(ctx: StageContext) -> None:
                 videos.append(video_tensor(world_clip(cfg, seed, st.clip_frames).frames))
                 eps.append(torch.randn(lat_shape, generator=g))
             return decoder_loss(model, torch.stack(videos).to(ctx.device), torch.stack(eps).to(ctx.device),
-                                st.mouth_weight, st.mouth_map_weight, st.mouth_dilate)
+                                st.mouth_weight, st.mouth_map_weight, st.mouth_dilate,
+                                st.temporal_weight if step >= st.temporal_from else 0.0)
 
         return train_step(model, opt, params, st.optim, st, step, ranks, loss_fn, ctx.precision)
 
