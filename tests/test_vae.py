@@ -165,6 +165,7 @@ def test_vae_stream_anchor_without_history_restarts_each_block_after_the_referen
     """The demo's setting (anchor every block, history 0, a one-block fade): block k >= 1 is the
     decode of [reference latent, block k] cross-faded from the continuation of [reference latent,
     block k-1, block k]; the report's VAE-alone stream (`stream_roundtrip_frames`) decodes the same."""
+    from livetalk_cli.config import StreamConfig
     from livetalk_cli.distill.data import video_tensor
     from livetalk_cli.distill.vae_stage import encode_chunked, stream_roundtrip_frames
     from livetalk_cli.runtime.stream import frames_to_uint8
@@ -191,7 +192,8 @@ def test_vae_stream_anchor_without_history_restarts_each_block_after_the_referen
     for block in zz.split(3, dim=2):
         again.begin_block()
         want.append(frames_to_uint8(again.decode(block)))
-    assert (stream_roundtrip_frames(vae, frames, 33, 3, 1, 0, 3) == np.concatenate(want)).all()
+    sc = StreamConfig(block_frames=3, vae_anchor_every=1, vae_anchor_history=0, vae_anchor_fade=3)
+    assert (stream_roundtrip_frames(vae, frames, 33, sc) == np.concatenate(want)).all()
 
 
 @torch.no_grad()

@@ -83,9 +83,7 @@ def long_stream_study(models: dict[str, LoadedModel], ctx: StageContext, stream:
     clips = list(_clips(ctx, cfg, LONG_SEED, n, identities))
     rows: dict[str, Any] = {
         "ground_truth": score(((c.frames, c) for c in clips), cfg, window_s),
-        "vae_roundtrip": score(((stream_roundtrip_frames(base.vae, c.frames, ctx.recipe.world.clip_frames,
-                                                         sc.block_frames, sc.vae_anchor_every,
-                                                         sc.vae_anchor_history, sc.vae_anchor_fade), c)
+        "vae_roundtrip": score(((stream_roundtrip_frames(base.vae, c.frames, ctx.recipe.world.clip_frames, sc), c)
                                for c in clips), cfg, window_s),
     }
     for name, model in models.items():

@@ -28,6 +28,7 @@ Methods (also written into the report):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import tempfile
@@ -200,9 +201,8 @@ def build_report(ctx: StageContext, out_dir: Path, *, clips: int = 64, stream_se
     ctx.progress("report: vae stream", 0, 1)
     sc = cfg.stream
     report["vae_stream"] = {
-        "anchored": stream_decode_error(base.vae, ctx, 4, vae_stream_frames, sc.vae_anchor_every,
-                                        sc.vae_anchor_history, sc.vae_anchor_fade),
-        "plain": stream_decode_error(base.vae, ctx, 4, vae_stream_frames),
+        "anchored": stream_decode_error(base.vae, ctx, 4, vae_stream_frames, sc),
+        "plain": stream_decode_error(base.vae, ctx, 4, vae_stream_frames, dataclasses.replace(sc, vae_anchor_every=0)),
     } if vae_stream_frames else {}
     ctx.progress("report: flops", 0, 1)
     report["flops"] = flops_per_frame(base, teacher, frames_n, tr.num_steps)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from livetalk_cli.config import StreamConfig
 from livetalk_cli.distill.context import StageContext, save_weights
 from livetalk_cli.distill.data import encode_world, latents_complete, mouth_map, video_tensor, world_clip
 from livetalk_cli.distill.markers import checkpoint_meta, mark_done, stage_done, stage_id
@@ -206,39 +207,37 @@ def encode_chunked(vae: WanVAE, video: Tensor, chunk_frames: int) -> Tensor:
 
 
 @torch.no_grad()
-def stream_roundtrip_frames(vae: WanVAE, frames: np.ndarray, chunk_frames: int, block_frames: int,
-                            anchor_every: int = 0, history: int = 2, fade: int = 0) -> np.ndarray:
+def stream_roundtrip_frames(vae: WanVAE, frames: np.ndarray, chunk_frames: int, sc: StreamConfig) -> np.ndarray:
     """uint8 (T, H, W, 3), T = 1 + 4k → the frames as a stream shows their true latents: encoded in
-    `chunk_frames` chunks (`encode_chunked`, the latents the DiT learns) and decoded `block_frames`
-    latents at a time by `VAEStream`, as `livetalk render` decodes (re-anchored every `anchor_every`
-    blocks with `history` latents replayed, each anchor cross-faded over `fade` latents)."""
+    `chunk_frames` chunks (`encode_chunked`, the latents the DiT learns) and decoded a block at a
+    time by `VAEStream` with `sc`'s anchor, as `livetalk render` decodes."""
     device = next(vae.parameters()).device
     z = encode_chunked(vae, video_tensor(frames)[None].to(device), chunk_frames)
-    stream = VAEStream(vae, anchor_every, history, fade_latents=fade)
+    stream = VAEStream.for_stream(vae, sc)
     parts = []
-    for s in range(0, z.shape[2], block_frames):
+    for s in range(0, z.shape[2], sc.block_frames):
         stream.begin_block()
-        parts.append(frames_to_uint8(stream.decode(z[:, :, s: s + block_frames])))
+        parts.append(frames_to_uint8(stream.decode(z[:, :, s: s + sc.block_frames])))
     return np.concatenate(parts)[: frames.shape[0]]
 
 
-def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_frames: int, anchor_every: int = 0,
-                        history: int = 2, fade: int = 0) -> dict[str, float]:
+def stream_decode_error(vae: WanVAE, ctx: StageContext, num_clips: int, num_frames: int,
+                        sc: StreamConfig) -> dict[str, float]:
     """Mean |decoded - true| (0..255) of held-out world streams of `num_frames` frames, encoded in
     world-length chunks (`encode_chunked`) and decoded block by block as `livetalk render` does
-    (`VAEStream`, re-anchored every `anchor_every` blocks): over the first second, the last second
+    (`VAEStream` with `sc`'s anchor): over the first second, the last second
     and all frames. A decoder that drifts on long streams shows last >> first."""
     cfg = ctx.recipe.model
     fps = cfg.fps
     errs = []
     for k in range(num_clips):
         clip = world_clip(cfg, ctx.recipe.world.heldout_seed + 700_000 + k, num_frames)
-        out = stream_roundtrip_frames(vae, clip.frames, ctx.recipe.world.clip_frames, cfg.stream.block_frames,
-                                      anchor_every, history, fade)
+        out = stream_roundtrip_frames(vae, clip.frames, ctx.recipe.world.clip_frames, sc)
         errs.append(np.abs(out.astype(np.int16) - clip.frames.astype(np.int16)).mean(axis=(1, 2, 3)))
     e = np.mean(errs, axis=0)
     return {"first_s": float(e[1: 1 + fps].mean()), "last_s": float(e[-fps:].mean()), "all": float(e.mean()),
-            "frames": num_frames, "clips": num_clips, "anchor_every": anchor_every, "history": history, "fade": fade}
+            "frames": num_frames, "clips": num_clips, "anchor_every": sc.vae_anchor_every,
+            "history": sc.vae_anchor_history, "fade": sc.vae_anchor_fade}
 
 
 def run_decoder_stage(ctx: StageContext) -> None:

@@ -135,8 +135,7 @@ class AvatarStream:
         sc = self.cfg.stream
         decoder = m.engines.decoder if m.engines is not None and m.engines.decoder is not None else m.vae
         settled = self.reference.upto(2)[:, :, 1:2] if sc.settled_first_frame else None  # its second still latent
-        self.vae_side = VAEStream(decoder, sc.vae_anchor_every, sc.vae_anchor_history,
-                                  fade_latents=sc.vae_anchor_fade, dtype=self.vae_dtype, settled=settled)
+        self.vae_side = VAEStream.for_stream(decoder, sc, dtype=self.vae_dtype, settled=settled)
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
 

@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from livetalk_cli.config import VAEConfig
+from livetalk_cli.config import StreamConfig, VAEConfig
 from livetalk_cli.models.vae import WanVAE
 
 
@@ -59,6 +59,13 @@ class VAEStream:
         self._anchor_slots: list[Tensor] | None = None  # the slots after `first` alone
         self.recent: Tensor | None = None  # the last `history` latents, replayed by the anchor
         self.blocks = 0
+
+    @classmethod
+    def for_stream(cls, vae: WanVAE | StreamingDecoder, sc: StreamConfig, dtype: torch.dtype | None = None,
+                   settled: Tensor | None = None) -> VAEStream:
+        """The decoder side of a stream with `sc`'s anchor (every, history, fade)."""
+        return cls(vae, sc.vae_anchor_every, sc.vae_anchor_history, fade_latents=sc.vae_anchor_fade, dtype=dtype,
+                   settled=settled)
 
     @torch.no_grad()
     def begin_block(self) -> None:
