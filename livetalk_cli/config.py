@@ -43,6 +43,10 @@ class DiTConfig:
     audio_dim: int | None = None  # features per video frame; None = no audio conditioning
     audio_hidden: int = 32  # AudioPack output width
     audio_pack_frames: int = 4  # video frames packed into one latent frame
+    # Which latent positions `y` gives the reference latent. "every": each position its reference
+    # latent (OmniAvatar); "first": latent frame 0 only, zeros (mask 1) after it (Wan I2V's layout):
+    # past the first block only the KV cache can carry the identity, so identity sinks matter.
+    reference_positions: Literal["every", "first"] = "every"
 
     @property
     def head_dim(self) -> int:
@@ -143,6 +147,10 @@ class StreamConfig:
     # cut). The demo drifts ~35/255 between anchors: a cut is a colour flash, a one-block fade is
     # under the stream's own frame differences; each faded latent is decoded twice.
     vae_anchor_fade: int = 3
+    # The state an anchor restarts the decoder from: after the reference's first N still latents
+    # (the reference image held still; `still_reference_latents` >= N), not after the reference
+    # latent alone (N = 1). The decoder's steady frames then follow a steady past of the reference.
+    vae_anchor_still: int = 1
     # Frame 0 (the pinned reference latent) decoded through the decoder's steady path: the last
     # frame of the reference's second still latent (`still_reference_latents` >= 2) decoded after
     # the reference latent, instead of the decoder's one-frame path. The demo VAE's one-frame path
@@ -155,6 +163,8 @@ class StreamConfig:
             raise UserError("stream: block_frames and num_steps must be >= 1")
         if self.vae_anchor_every < 0 or self.vae_anchor_history < 0 or self.vae_anchor_fade < 0:
             raise UserError("stream: vae_anchor_every, vae_anchor_history and vae_anchor_fade must be >= 0")
+        if self.vae_anchor_still < 1:
+            raise UserError("stream: vae_anchor_still must be >= 1 (1 = the reference latent alone)")
         if self.sink_frames < 0 or self.window_frames < 0:
             raise UserError("stream: sink_frames and window_frames must be >= 0")
         if self.sink_frames % self.block_frames or self.window_frames % self.block_frames:
@@ -207,8 +217,13 @@ class ModelConfig:
         self.stream.validate()
         if self.still_reference_latents < 0:
             raise UserError("still_reference_latents must be >= 0")
+        if self.dit.reference_positions not in ("every", "first"):
+            raise UserError(f"dit.reference_positions must be 'every' or 'first', not {self.dit.reference_positions!r}")
         if self.stream.settled_first_frame and self.still_reference_latents < 2:
             raise UserError("stream.settled_first_frame needs still_reference_latents >= 2 (it decodes the second)")
+        if self.stream.vae_anchor_still > max(1, self.still_reference_latents):
+            raise UserError(f"stream.vae_anchor_still {self.stream.vae_anchor_still} needs still_reference_latents "
+                            f">= {self.stream.vae_anchor_still}")
         f = self.vae.spatial_factor * self.dit.patch_size[1]
         if self.height % f or self.width % f:
             raise UserError(f"resolution {self.height}x{self.width} must be a multiple of {f}")
@@ -319,8 +334,13 @@ def _demo() -> ModelConfig:
         # held-out identities, history 2 -> 0: identity error 0.262 -> 0.239, drift 0.038 -> 0.021
         # per minute, flicker 3.85 -> 3.75, lip-sync 0.427 -> 0.439; on 48 validation 2-s clips
         # lip-sync 0.517 -> 0.535, identity error 0.191 -> 0.200; 2 fewer latent decodes a block
+        # The anchor's state after one still block of the reference (vae_anchor_still 3), not the
+        # reference latent alone: 40-s streams of 6 held-out identities, 1 -> 3: identity error
+        # 0.207-0.215 -> 0.157-0.158 per 10-s window, drift +0.016 -> +0.001 per minute, lip-sync
+        # 0.478 -> 0.480, flicker 2.2 both (2: 0.166-0.170; 4: 0.180; 6: 0.225-0.231); 48 validation
+        # 2-s clips: identity error -0.022 +- 0.007, lip-sync -0.002 +- 0.021
         stream=StreamConfig(block_frames=3, sink_frames=3, window_frames=3, relative_rope=True, vae_anchor_every=1,
-                            vae_anchor_history=0, settled_first_frame=True),
+                            vae_anchor_history=0, vae_anchor_still=3, settled_first_frame=True),
         text_vocab=1024,
         height=96, width=96, fps=16,
         still_reference_latents=12,

@@ -3,6 +3,7 @@ with one line naming the key; and the trainer's small pieces (plateau, schedules
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,11 @@ def test_shipped_recipes_validate_and_build_at_real_scale():
     demo = load_recipe(ROOT / "recipes" / "demo")
     assert demo.stages == STAGES and demo.model.name == "demo"
     assert set(stage_modules(demo, "meta")) == set(STAGES)
+    # the sinks study's model: the demo's recipe but for the reference at latent frame 0 only
+    first = load_recipe(ROOT / "recipes" / "demo-first-reference")
+    assert first.model.dit.reference_positions == "first" and demo.model.dit.reference_positions == "every"
+    assert dataclasses.replace(first.model, dit=demo.model.dit) == demo.model
+    assert (first.teacher, first.dmd, first.ode_init) == (demo.teacher, demo.dmd, demo.ode_init)
 
     real = load_recipe(ROOT / "recipes" / "omniavatar-1.3b")
     assert real.model.name == "omniavatar-1.3b"

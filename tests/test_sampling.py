@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from livetalk_cli.errors import UserError
 from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.sampling.block_sampler import BlockSampler, block_step, reference_conditioning
 from livetalk_cli.sampling.causal import causal_forward
@@ -33,7 +36,7 @@ def _record_forwards(dit):
     return outs, handle
 
 
-def _reference_stream(cfg, dit, text_kv, noise, ref, audio, *, sink=None, window=None):
+def _reference_stream(cfg, dit, text_kv, noise, ref, audio, *, sink=None, window=None, y_fn=None):
     """Sample block by block with one uncached forward per step over [clean past | noisy block]."""
     bf = cfg.stream.block_frames
     sig = sampling_sigmas(cfg.stream.num_steps, cfg.stream.shift).float()
@@ -41,7 +44,8 @@ def _reference_stream(cfg, dit, text_kv, noise, ref, audio, *, sink=None, window
     flows, outs = [], []
     for n, nz in enumerate(noise):
         f_total = (n + 1) * bf
-        cond = Conditioning(text_kv, reference_conditioning(ref, f_total, first_known=True), audio[:, :, :f_total])
+        y = y_fn(f_total) if y_fn else reference_conditioning(ref, f_total, first_known=True)
+        cond = Conditioning(text_kv, y, audio[:, :, :f_total])
 
         def flow(x, sigma, n=n, cond=cond):  # one uncached forward over [clean past | noisy block]
             t = torch.cat([torch.zeros(1, n * bf), torch.full((1, bf), sigma * 1000)], dim=1)
@@ -107,6 +111,50 @@ def test_sinks_and_window_equal_masked_attention_with_eviction(window):
     # the window matters: the full block-causal reference (no eviction) differs at the last block
     full_flows, _ = _reference_stream(cfg, dit, text_kv, noise, ref, audio)
     assert (full_flows[-1] - flows[-1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_first_position_reference_streams_like_wan_i2v_conditioning():
+    # reference_positions="first": y holds the reference latent at latent frame 0 only (zeros after
+    # it, mask 0 there and 1 elsewhere), written out by hand for the uncached reference; the ring
+    # wraps (1 sink block + 1 ring block over 4 blocks), so past block 1 only the sinks see frame 0.
+    cfg = tiny_cfg(sink_frames=3, window_frames=3, relative_rope=False)
+    cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, reference_positions="first"))
+    cfg.validate()
+    dit = tiny_dit(cfg, seed=8)
+    text_kv = random_text_kv(dit, cfg)
+    noise, ref, audio = _stream_inputs(cfg, dit, n_blocks=4, seed=9, still=5)
+
+    def first_only(f_total):
+        _, c, _, h, w = ref.shape
+        y = torch.zeros(1, c + 1, f_total, h, w)
+        y[:, :c, 0] = ref[:, :, 0]
+        y[:, c, 1:] = 1.0
+        return y
+
+    ref_flows, ref_x0 = _reference_stream(cfg, dit, text_kv, noise, ref, audio, sink=3, window=3, y_fn=first_only)
+    flows, x0s = _cached_stream(cfg, dit, text_kv, noise, ref, audio)
+    for a, b in zip(flows, ref_flows, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    for a, b in zip(x0s, ref_x0, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    # the layout matters: the same weights with a reference latent at every position differ
+    every = cfg.replace(dit=dataclasses.replace(cfg.dit, reference_positions="every"))
+    _, x0s_every = _cached_stream(every, dit, text_kv, noise, ref, audio)
+    assert (x0s_every[2] - x0s[2]).abs().mean() > 1e-2
+
+
+def test_reference_settings_are_validated():
+    cfg = tiny_cfg()
+    bad = cfg.replace(dit=dataclasses.replace(cfg.dit, reference_positions="last"))
+    with pytest.raises(UserError, match="reference_positions"):
+        bad.validate()
+    n = max(1, cfg.still_reference_latents)
+    with pytest.raises(UserError, match=f"vae_anchor_still {n + 1} needs still_reference_latents >= {n + 1}"):
+        cfg.replace(stream=dataclasses.replace(cfg.stream, vae_anchor_still=n + 1)).validate()
+    with pytest.raises(UserError, match="vae_anchor_still must be >= 1"):
+        cfg.replace(stream=dataclasses.replace(cfg.stream, vae_anchor_still=0)).validate()
+    cfg.replace(stream=dataclasses.replace(cfg.stream, vae_anchor_still=n)).validate()
 
 
 @torch.no_grad()

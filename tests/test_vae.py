@@ -197,6 +197,52 @@ def test_vae_stream_anchor_without_history_restarts_each_block_after_the_referen
 
 
 @torch.no_grad()
+def test_vae_stream_anchor_after_still_latents_restarts_each_block_after_a_still_past(vae: WanVAE) -> None:
+    """`vae_anchor_still` N = 3 (the demo's): block k >= 1 is the decode of [reference latent, still
+    latents 1..2, block k] (frames of block k only), cross-faded from the un-anchored continuation;
+    frame 0 is the settled frame (still latent 1 decoded after the reference latent alone). The
+    report's VAE-alone stream encodes the still latents from the clip's frame 0 and decodes the same."""
+    from livetalk_cli.config import StreamConfig
+    from livetalk_cli.distill.data import video_tensor
+    from livetalk_cli.distill.vae_stage import encode_chunked, stream_roundtrip_frames
+    from livetalk_cli.runtime.stream import frames_to_uint8
+    from livetalk_cli.runtime.vae_stream import VAEStream
+
+    z = _latents(9, seed=7)
+    still = torch.cat([z[:, :, :1], _latents(3, seed=8)[:, :, 1:]], dim=2)  # (1, C, 3, h, w), latent 0 = the reference
+    sc = StreamConfig(block_frames=3, vae_anchor_every=1, vae_anchor_history=0, vae_anchor_fade=3,
+                      vae_anchor_still=3, settled_first_frame=True)
+    stream = VAEStream.for_stream(vae, sc, still=still)
+    got = []
+    for block in z.split(3, dim=2):
+        stream.begin_block()
+        got.append(stream.decode(block))
+    w = torch.arange(1, 13, dtype=torch.float32).view(1, 1, 12, 1, 1) / 13
+    first = vae.decode(z[:, :, :3])
+    settled = vae.decode(still[:, :, :2])[:, :, -1:]
+    torch.testing.assert_close(got[0], torch.cat([settled, first[:, :, 1:]], dim=2), atol=1e-5, rtol=1e-5)
+    for k in (1, 2):
+        blk = z[:, :, 3 * k: 3 * k + 3]
+        cont = vae.decode(z[:, :, : 3 * k + 3])[:, :, -12:]  # k = 1: the continuation of the first block
+        if k == 2:  # the decoder's slots after block 1's anchored decode, continued
+            cont = vae.decode(torch.cat([still, z[:, :, 3:9]], dim=2))[:, :, -12:]
+        anchored = vae.decode(torch.cat([still, blk], dim=2))[:, :, -12:]
+        torch.testing.assert_close(got[k], cont * (1 - w) + anchored * w, atol=1e-5, rtol=1e-5)
+    # it differs from the anchor after the reference latent alone
+    assert (vae.decode(torch.cat([z[:, :, :1], z[:, :, 3:6]], 2))[:, :, -12:] - got[1]).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="first 3 still latents"):
+        VAEStream.for_stream(vae, sc, still=still[:, :, :2])
+    frames = frames_to_uint8(vae.decode(z))  # (T, H, W, 3) uint8, T = 33
+    zz = encode_chunked(vae, video_tensor(frames)[None], 33)
+    again = VAEStream.for_stream(vae, sc, still=vae.encode_reference(video_tensor(frames[:1])[None], 3))
+    want = []
+    for block in zz.split(3, dim=2):
+        again.begin_block()
+        want.append(frames_to_uint8(again.decode(block)))
+    assert (stream_roundtrip_frames(vae, frames, 33, sc) == np.concatenate(want)).all()
+
+
+@torch.no_grad()
 def test_streaming_cache_is_needed(vae: WanVAE) -> None:
     """Decoding the third latent without the second one's history gives different output."""
     z = _latents(3, seed=3)

@@ -38,7 +38,8 @@ class FlowModel(nn.Module):
         """Prepare text K/V, audio projections and `y` for latent frames [offset, offset + F)."""
         packed = pack_audio_frames(audio, stream_start=True, pack=self.dit.cfg.audio_pack_frames)
         proj = self.dit.prepare_audio(packed)[:, :, frame_offset: frame_offset + num_frames]
-        y = reference_conditioning(ref, num_frames, first_known=frame_offset == 0, offset=frame_offset)
+        y = reference_conditioning(ref, num_frames, first_known=frame_offset == 0, offset=frame_offset,
+                                   positions=self.dit.cfg.reference_positions)
         return Conditioning(self.dit.prepare_text(context), y, proj)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, audio: Tensor, ref: Tensor,

@@ -34,7 +34,7 @@ from livetalk_cli.distill.trainer import (
 from livetalk_cli.models.audio import build_audio_encoder
 from livetalk_cli.models.vae import WanVAE
 from livetalk_cli.runtime.stream import frames_to_uint8
-from livetalk_cli.runtime.vae_stream import VAEStream
+from livetalk_cli.runtime.vae_stream import VAEStream, still_latents_needed
 from livetalk_cli.world.metrics import lip_sync
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,9 @@ def stream_roundtrip_frames(vae: WanVAE, frames: np.ndarray, chunk_frames: int, 
     time by `VAEStream` with `sc`'s anchor, as `livetalk render` decodes."""
     device = next(vae.parameters()).device
     z = encode_chunked(vae, video_tensor(frames)[None].to(device), chunk_frames)
-    stream = VAEStream.for_stream(vae, sc)
+    need = still_latents_needed(sc)  # frame 0 is the reference image
+    still = vae.encode_reference(video_tensor(frames[:1])[None].to(device), need) if need else None
+    stream = VAEStream.for_stream(vae, sc, still=still)
     parts = []
     for s in range(0, z.shape[2], sc.block_frames):
         stream.begin_block()

@@ -30,7 +30,7 @@ from livetalk_cli.models.dit import Conditioning, pack_audio_frames
 from livetalk_cli.models.vae import StillReference
 from livetalk_cli.pipeline import LoadedModel
 from livetalk_cli.runtime.threads import intra_op_threads, team_size
-from livetalk_cli.runtime.vae_stream import VAEStream
+from livetalk_cli.runtime.vae_stream import VAEStream, still_latents_needed
 from livetalk_cli.sampling.accel import check_cuda_graphs
 from livetalk_cli.sampling.block_sampler import BlockSampler
 
@@ -134,8 +134,9 @@ class AvatarStream:
         self.sampler.start(self._text_kv(prompt), ref if self.cfg.dit.has_reference else None)
         sc = self.cfg.stream
         decoder = m.engines.decoder if m.engines is not None and m.engines.decoder is not None else m.vae
-        settled = self.reference.upto(2)[:, :, 1:2] if sc.settled_first_frame else None  # its second still latent
-        self.vae_side = VAEStream.for_stream(decoder, sc, dtype=self.vae_dtype, settled=settled)
+        need = still_latents_needed(sc)  # the settled frame 0 and the anchor's still past
+        still = self.reference.upto(need) if need else None
+        self.vae_side = VAEStream.for_stream(decoder, sc, dtype=self.vae_dtype, still=still)
         self.generator.manual_seed(seed)
         self.block = self.decoded = 0
 

@@ -198,7 +198,8 @@ class BlockSampler:
         f, r = self.cfg.stream.block_frames, self.codes.shape[2]
         key = (i == 0, min(i * f, r - 1), r)
         if key not in self._y_cache:
-            self._y_cache[key] = reference_conditioning(self.codes, f, first_known=i == 0, offset=i * f)
+            self._y_cache[key] = reference_conditioning(self.codes, f, first_known=i == 0, offset=i * f,
+                                                        positions=self.cfg.dit.reference_positions)
         return self._y_cache[key]
 
     def _block_inputs(self, audio: Tensor | None) -> tuple[Conditioning, Tensor]:
@@ -228,17 +229,23 @@ class BlockSampler:
         self.block_index += 1
 
 
-def reference_conditioning(ref: Tensor, num_frames: int, *, first_known: bool, offset: int = 0) -> Tensor:
+def reference_conditioning(ref: Tensor, num_frames: int, *, first_known: bool, offset: int = 0,
+                           positions: str = "every") -> Tensor:
     """OmniAvatar's `y`: reference latents for latent positions [offset, offset + F) + a mask channel.
 
     ref: (B, C, R, h, w) from `WanVAE.encode_reference`. R = 1: that latent at every position;
     R > 1: position j gets ref[:, :, min(j, R - 1)]. → (B, C+1, F, h, w); the mask is 0 on the
     known (reference) frame, 1 on frames to generate. `first_known` marks frame 0 of this run as
-    the reference frame.
+    the reference frame. `positions="first"` (`DiTConfig.reference_positions`): only absolute
+    position 0 gets its reference latent, every later position zeros.
     """
     b, _, r, h, w = ref.shape
     mask = torch.ones(b, 1, num_frames, h, w, device=ref.device, dtype=ref.dtype)
     if first_known:
         mask[:, :, 0] = 0
     pos = torch.arange(offset, offset + num_frames, device=ref.device).clamp(max=r - 1)
-    return torch.cat([ref.index_select(2, pos), mask], dim=1)
+    latents = ref.index_select(2, pos)
+    if positions == "first":
+        keep = (torch.arange(offset, offset + num_frames, device=ref.device) == 0).to(ref.dtype)
+        latents = latents * keep.view(1, 1, num_frames, 1, 1)
+    return torch.cat([latents, mask], dim=1)
